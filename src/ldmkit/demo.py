@@ -85,8 +85,8 @@ def sample_grid(model: UNet, schedule: NoiseSchedule, per_digit: int, steps: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=600, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)

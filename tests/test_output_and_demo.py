@@ -1,0 +1,39 @@
+"""PNG output with embedded parameters, written atomically; the demo runs end to end."""
+
+import pytest
+from PIL import Image
+
+from ldmkit.pipelines.output import read_parameters, save_png
+
+
+def test_parameters_round_trip(tmp_path):
+    params = {"prompt": "a red circle", "seed": 7, "sampler": "dpmpp_2m", "size": [64, 64]}
+    path = save_png(Image.new("RGB", (8, 8), "red"), tmp_path / "sub" / "a.png", params)
+    assert read_parameters(path) == params
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"]  # no temporary file left behind
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial_file(tmp_path):
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png", {"v": 1})
+
+    class Broken:  # an image whose encoding fails half-way
+        def save(self, f, **kw):
+            f.write(b"\x89PNG partial")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_png(Broken(), path, {"v": 2})
+    assert read_parameters(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+@pytest.mark.slow
+def test_demo_trains_samples_and_writes_a_grid(tmp_path):
+    from ldmkit import demo
+
+    out = tmp_path / "grid.png"
+    assert demo.main(["--steps", "3", "--sample-steps", "2", "--out", str(out)]) == 0
+    params = read_parameters(out)
+    assert params["sampler"] == "dpmpp_2m" and params["training_steps"] == 3
+    assert Image.open(out).size == (720, 576)  # 10 digits x 8 samples
