@@ -3,7 +3,7 @@ sample a grid of every digit with DPM-Solver++(2M) and classifier-free guidance.
 
 This stands in for text-to-image generation with the bundled model until that model exists; it
 does the whole job end to end (data, U-Net, noise schedule, training loss, sampler, guidance,
-PNG with parameters) in about two minutes on two CPU cores.
+PNG with parameters) in about five minutes on two CPU cores.
 """
 
 from __future__ import annotations
