@@ -23,24 +23,11 @@ from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.pipelines.stable_diffusion import StableDiffusion
 
+from diffusers_oracle import DIFFUSERS_SCHEDULERS as DIFFUSERS_CLASSES
+from diffusers_oracle import SD15_SCHEDULER
+
 pytestmark = pytest.mark.oracle
 
-DIFFUSERS_CLASSES = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
-# Stable Diffusion 1.5's scheduler_config.json
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True,
-    timestep_spacing="leading", prediction_type="epsilon",
-)
 TOL = 1 / 255  # images in [0, 1], float32 on both sides
 SIZE = 64  # pixels; the VAE downscales 8x, so latents are 8x8
 PROMPT, NEGATIVE = "a red square on a blue background", "blurry"

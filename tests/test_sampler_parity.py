@@ -15,25 +15,12 @@ from ldmkit.diffusion.denoiser import Denoiser
 from ldmkit.diffusion.sampling import KARRAS_SAMPLERS, SAMPLERS, make_plan
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
+from diffusers_oracle import DIFFUSERS_SCHEDULERS as DIFFUSERS_CLASSES
+from diffusers_oracle import SD15_SCHEDULER as SD15
+
 pytestmark = pytest.mark.oracle
 
-DIFFUSERS_CLASSES = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
 
-# Stable Diffusion 1.5's scheduler_config.json (PNDMScheduler), as swapped-in schedulers see it.
-SD15 = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True,
-    timestep_spacing="leading", prediction_type="epsilon",
-)
 STEP_COUNTS = [1, 2, 10, 20, 50]
 TOL = 1e-4
 
