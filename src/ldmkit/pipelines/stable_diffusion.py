@@ -8,6 +8,11 @@ schedule the U-Net was trained on. Each method is the same short story:
     run the named sampler   -> SamplingPlan.run(CFG(Denoiser(U-Net)), x)
     decode                  -> VAE(latents / scaling_factor) -> images in [0, 1]
 
+Decoding runs one image at a time and over overlapping tiles once the image is larger than
+`vae_tile_size` (the VAE's training size by default), so its memory does not grow with the batch
+or, much, with the image. Latents and decoded images are checked for NaN/Inf in every element; a
+reduced-precision VAE whose decode overflows is retried once on a float32 copy before giving up.
+
 Noise is drawn from the caller's `torch.Generator`s in diffusers' order (start noise, then the
 samplers' fresh noise; for img2img/inpainting the VAE posterior sample comes first), so one seed
 gives diffusers' image for the same weights and sampler.
@@ -15,6 +20,7 @@ gives diffusers' image for the same weights and sampler.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from typing import Callable, Sequence
@@ -82,6 +88,16 @@ def make_generators(seed: int | Generators | None, batch: int) -> Generators:
             raise InvalidArgument(f"a list of generators needs one torch.Generator per image ({batch}), got {len(seed)}")
         return list(seed)
     return seed
+
+
+def seed_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image: image k draws from `seed + k` alone.
+
+    Passed as `seed=` this makes image k of a batch equal to a single run seeded `seed + k`, so
+    any image can be regenerated on its own, whatever batch it came from."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgument(f"seed must be an integer >= 0, got {seed!r}")
+    return [torch.Generator("cpu").manual_seed(seed + k) for k in range(count)]
 
 
 def _pil_list(image) -> list[Image.Image] | None:
@@ -175,10 +191,21 @@ class StableDiffusion:
         self.latent_channels = vae.config.latent_channels
         self.downscale = vae.config.downscale
         self.multiple = math.lcm(8, self.downscale)  # height and width must be multiples of this
+        self.vae_tile_size: int | None = vae.config.sample_size  # decode/encode tiles above this side; None: never
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def default_size(self) -> int:
+        """The image side the model was trained at (U-Net sample size times the VAE downscale)."""
+        latent = self.unet.config.sample_size
+        return latent * self.downscale if latent else self.vae.config.sample_size
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -221,22 +248,30 @@ class StableDiffusion:
         """U-Net latents (batch, C, h, w) of images in [0, 1] (in [-1, 1] when `normalized`): a
         posterior sample times the scaling factor, drawn as diffusers draws it (one draw for the
         images with one generator, one draw per image with a list)."""
-        x = images.to(self.device, next(self.vae.parameters()).dtype)
+        x = images.to(self.device, self.vae_dtype)
         x = x if normalized else x * 2 - 1  # [-1, 1]
+        encode = lambda x_: self.vae.encode(x_, sliced=True, tile_size=self.vae_tile_size)  # noqa: E731
         if isinstance(generator, list):
             x = _repeat_to(x, batch, "image")
-            z = torch.cat([self.vae.encode(x[i:i + 1]).sample(g) for i, g in enumerate(generator)])
+            z = torch.cat([encode(x[i:i + 1]).sample(g) for i, g in enumerate(generator)])
         else:
-            z = self.vae.encode(x).sample(generator)
+            z = encode(x).sample(generator)
         return _repeat_to(z.float() * self.vae.config.scaling_factor, batch, "image")
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from U-Net latents."""
-        dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(dtype)).float()
+        """Images (B, 3, H, W) in [0, 1] from U-Net latents, decoded one at a time (tiled above
+        `vae_tile_size`). A bf16/fp16 VAE can overflow where float32 does not, so a non-finite
+        decode is retried once on a float32 copy of the VAE before GenerationError."""
+        images = self._decode(self.vae, latents)
+        if self.vae_dtype != torch.float32 and not torch.isfinite(images).all():
+            images = self._decode(copy.deepcopy(self.vae).float(), latents)
         _check_finite(images, "decoded images")
         return (images / 2 + 0.5).clamp(0, 1)
+
+    def _decode(self, vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+        z = (latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)
+        return vae.decode(z, sliced=True, tile_size=self.vae_tile_size).float()  # [-1, 1]
 
     def _sample(self, plan: SamplingPlan, denoiser, x: torch.Tensor, eta, generator, callback) -> torch.Tensor:
         """Run the plan from x (VE view) and return U-Net latents (DDPM view)."""
@@ -256,7 +291,8 @@ class StableDiffusion:
         images = self.decode_latents(latents)
         return images if output == "tensor" else to_pil(images)
 
-    def _plan(self, sampler: str, steps: int, karras: bool, strength: float) -> SamplingPlan:
+    def plan(self, sampler: str, steps: int, karras: bool = False, strength: float = 1.0) -> SamplingPlan:
+        """The noise levels a run visits (`plan(...).steps` is how often the callback is called)."""
         plan = make_plan(sampler, self.schedule, steps, karras=karras)
         plan = plan.from_strength(strength) if strength < 1.0 else plan
         if plan.steps < 1:
@@ -282,7 +318,7 @@ class StableDiffusion:
             raise InvalidArgument("this is an inpainting U-Net; use inpaint()")
         batch = len(prompts) * num_images
         generator = make_generators(seed, batch)
-        plan = self._plan(sampler, steps, karras, 1.0)
+        plan = self.plan(sampler, steps, karras, 1.0)
         cond, uncond = self.encode_prompt(prompts, negative, num_images)
         shape = (batch, self.latent_channels, height // self.downscale, width // self.downscale)
         x = gaussian_noise(shape, generator, self.device) * plan.init_noise_scale
@@ -308,7 +344,7 @@ class StableDiffusion:
         height, width = pixels.shape[-2:]
         batch = len(prompts) * num_images
         generator = make_generators(seed, batch)
-        plan = self._plan(sampler, steps, karras, strength)
+        plan = self.plan(sampler, steps, karras, strength)
         cond, uncond = self.encode_prompt(prompts, negative, num_images)
         x0 = self.encode_images(pixels, batch, generator)
         noise = gaussian_noise(x0.shape, generator, self.device)
@@ -342,7 +378,7 @@ class StableDiffusion:
         masks = mask_to_tensor(mask, height, width)
         batch = len(prompts) * num_images
         generator = make_generators(seed, batch)
-        plan = self._plan(sampler, steps, karras, strength)
+        plan = self.plan(sampler, steps, karras, strength)
         cond, uncond = self.encode_prompt(prompts, negative, num_images)
         shape = (batch, self.latent_channels, height // self.downscale, width // self.downscale)
 

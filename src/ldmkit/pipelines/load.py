@@ -1,0 +1,123 @@
+"""A ready-to-run StableDiffusion from a path: device and precision choice, the bundled model,
+and a short hash that names the weights in each image's parameters.
+
+Precision "auto" picks what is fast and safe where the model runs: fp16 on CUDA, bf16 on CPUs
+with native bf16 arithmetic (AVX512-BF16 or AMX), float32 elsewhere. With an fp16 U-Net the VAE
+stays float32 ("VAE upcast", as diffusers does for SD 1.x), because the SD VAE decoder's
+activations overflow fp16's range; bf16 has float32's range, so a bf16 VAE is kept (and a
+non-finite decode is still retried in float32 by the pipeline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
+from ..diffusion.schedule import NoiseSchedule
+from ..errors import InvalidArgument, LdmkitError, check_choice
+from .stable_diffusion import StableDiffusion
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"  # diffusers layout
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+HASH_LENGTH = 10  # hex characters of the model hash recorded with each image
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The model's folder or file: `model`, or the bundled model when None; must exist."""
+    if model is None:
+        if not BUNDLED_MODEL.is_dir():
+            raise LdmkitError(f"bundled model not found at {BUNDLED_MODEL}; pass --model PATH")
+        return BUNDLED_MODEL
+    path = Path(model)
+    if not path.exists():
+        raise InvalidArgument(f"model not found: {path}")
+    return path
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": CUDA when available, else the CPU. Asking for CUDA without it is an error."""
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device cuda requested, but CUDA is not available (use --device cpu)")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (else bf16 is emulated and slower than fp32)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: assume no, float32 is always correct
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The U-Net / text encoder dtype for `precision` on `device` (see the module docstring)."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise InvalidArgument("precision fp16 needs CUDA; on the CPU use bf16 or fp32")
+    return DTYPES[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """"fp32", "bf16" or "fp16" for a dtype (what --precision takes)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype next to a U-Net in `dtype`: fp16 is upcast to float32 (overflow)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def model_hash(path: str | Path) -> str:
+    """The first HASH_LENGTH hex digits of sha256 over a model's weight files (a single file, or
+    every weight file under a folder in sorted order, each with its relative path)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in SINGLE_FILE_SUFFIXES
+    )
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:HASH_LENGTH]
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    *,
+    prediction_type: str | None = None,
+    arch: str | None = None,
+    inpainting: bool | None = None,
+) -> StableDiffusion:
+    """A StableDiffusion from a diffusers folder or single file (None: the bundled model).
+
+    precision: "auto", "fp32", "bf16" or "fp16" (CUDA only); device: "auto", "cpu" or "cuda".
+    `prediction_type`, `arch` and `inpainting` are passed to load_pipeline_components.
+    """
+    target = resolve_device(device)
+    dtype = resolve_precision(precision, target)
+    path = resolve_model_path(model)
+    comps = load_pipeline_components(path, prediction_type=prediction_type, arch=arch,
+                                     inpainting=inpainting, dtype=dtype, device=target)
+    comps.vae.to(vae_dtype_for(dtype))
+    return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
+                           NoiseSchedule(comps.schedule_config))
