@@ -21,13 +21,26 @@ Legitimate Stable Diffusion `.ckpt` files (PyTorch Lightning saves) hold more th
   process-wide allow-list is left alone.
 
 Anything else the unpickler meets raises CheckpointError naming the offending global.
+
+Before any bytes reach a third-party parser, ldmkit checks what it can cheaply:
+
+- safetensors: `read_safetensors_header` validates the raw header (length, UTF-8 JSON, every
+  tensor's dtype, shape and byte range against the file's size), so a damaged or hostile file gets
+  one clear CheckpointError instead of whatever the safetensors library says.
+- zip-format pickles: `check_zip_expansion` reads the zip central directory and refuses archives
+  whose records would inflate far beyond the file (a zip bomb); torch stores its records
+  uncompressed, so a legitimate checkpoint expands about 1x.
+- weights: `check_finite` refuses NaN/Inf weights by name when a model is built (loading.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +52,18 @@ from ..errors import CheckpointError
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+ZIP_MAGIC = b"PK\x03\x04"  # how torch tells its zip format from the legacy pickle formats
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
+MAX_ZIP_EXPANSION = 100  # a zip may claim at most this many times its size (+1 MiB) uncompressed
+_ZIP_SLACK = 1 << 20  # lets tiny checkpoints (small records compress well) through the ratio
+
+# Bytes per element of the safetensors dtypes that torch can hold.
+SAFETENSORS_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
 
 # Callback classes found in SD-era Lightning checkpoints, by their pickled name.
 LIGHTNING_GLOBALS = (
@@ -116,11 +141,15 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` file (memory-mapped reading, CPU tensors)."""
+    """All tensors of a `.safetensors` file (memory-mapped reading, CPU tensors).
+
+    The header is validated first (`read_safetensors_header`), so the library only sees sound files.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = check_readable_file(path)
+    read_safetensors_header(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -129,14 +158,136 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a `.safetensors` header ({} when none)."""
-    from safetensors import SafetensorError, safe_open
+    return dict(read_safetensors_header(path).get("__metadata__") or {})
 
+
+class _Invalid(Exception):
+    """A defect found in a safetensors header; `read_safetensors_header` adds the file's name."""
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a `.safetensors` file, checked against the format and the file's size.
+
+    Layout: an 8-byte little-endian length N, N bytes of UTF-8 JSON, then the data. The JSON is an
+    object mapping each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets
+    into the data), plus an optional "__metadata__" of strings. Each byte range must hold exactly
+    shape x dtype, and the ranges must tile the data: no gap, no overlap, nothing past the end and
+    nothing after the last tensor. Any defect raises one CheckpointError naming the file.
+    """
     path = check_readable_file(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        header, data_len = _parse_safetensors_header(path)
+        ranges = {
+            name: _tensor_range(name, entry, data_len)
+            for name, entry in header.items() if name != "__metadata__"
+        }
+        _check_tiling(ranges, data_len)
+        _check_metadata(header.get("__metadata__"))
+    except _Invalid as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from None
+    return header
+
+
+def _parse_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header JSON object, number of data bytes after it)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _Invalid(f"only {size} bytes, too short to hold the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > SAFETENSORS_MAX_HEADER:
+            raise _Invalid(f"header length {header_len} is over the {SAFETENSORS_MAX_HEADER}-byte limit")
+        if 8 + header_len > size:
+            raise _Invalid(f"header length {header_len} runs past the end of the {size}-byte file")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise _Invalid("header is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise _Invalid(f"header is not JSON ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise _Invalid(f"header is a JSON {type(header).__name__}, not an object")
+    return header, size - 8 - header_len
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    # json.loads keeps the last of repeated keys silently; a repeated tensor name is a defect.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Invalid(f"header names {_clip(repeated)} twice")
+    return out
+
+
+def _tensor_range(name: str, entry: object, data_len: int) -> tuple[int, int]:
+    """The (begin, end) data bytes of one header entry, after checking it against its shape."""
+    name = _clip(name)
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _Invalid(f"tensor {name}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
+        raise _Invalid(f"tensor {name}: unsupported dtype {_clip(dtype)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _Invalid(f"tensor {name}: shape {_clip(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise _Invalid(f"tensor {name}: data_offsets {_clip(offsets)} is not [begin, end]")
+    begin, end = offsets
+    if begin > end:
+        raise _Invalid(f"tensor {name}: data_offsets {_clip(offsets)} end before they begin")
+    if end > data_len:
+        raise _Invalid(f"tensor {name}: data ends at byte {_clip(end)} but only {data_len} data bytes follow "
+                       "the header (truncated file?)")
+    nbytes = _nbytes(shape, SAFETENSORS_DTYPE_SIZES[dtype], limit=data_len)
+    if nbytes != end - begin:
+        need = "more bytes than the file holds" if nbytes is None else f"{nbytes} bytes"
+        raise _Invalid(f"tensor {name}: shape {_clip(shape)} of {dtype} needs {need}, but its data_offsets "
+                       f"span {end - begin}")
+    return begin, end
+
+
+def _clip(value: object, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: hostile headers hold megabyte-long names and shapes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """prod(shape) * itemsize, or None once it exceeds `limit` (absurd shapes stop early)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > limit:
+            return None
+    return total
+
+
+def _check_tiling(ranges: dict[str, tuple[int, int]], data_len: int) -> None:
+    """The byte ranges must cover [0, data_len) exactly once, in some order."""
+    at, previous = 0, None
+    for name, (begin, end) in sorted(ranges.items(), key=lambda item: item[1]):
+        if begin < at:
+            raise _Invalid(f"tensors {_clip(previous)} and {_clip(name)} overlap (data_offsets)")
+        if begin > at:
+            raise _Invalid(f"bytes {at}..{begin} before tensor {_clip(name)} belong to no tensor")
+        at, previous = end, name
+    if at != data_len:
+        raise _Invalid(f"{data_len - at} trailing bytes after the last tensor")
+
+
+def _check_metadata(metadata: object) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Invalid("__metadata__ must map strings to strings")
 
 
 _GLOBAL_IN_ERROR = re.compile(r"GLOBAL ([\w.]+)")
@@ -149,6 +300,7 @@ def load_pickle(path: str | Path) -> object:
     tar/raw formats are read without mmap, still weights_only.
     """
     path = check_readable_file(path)
+    check_zip_expansion(path)
     with torch.serialization.safe_globals(allowed_globals()):
         try:
             try:
@@ -167,6 +319,31 @@ def load_pickle(path: str | Path) -> object:
                     "tensor/numpy/Lightning names; the file may run code when loaded)"
                 ) from None
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def check_zip_expansion(path: Path) -> None:
+    """Refuse a zip-format checkpoint whose records claim far more bytes than the file holds.
+
+    torch inflates a compressed record (such as `data.pkl`) fully into memory before reading it,
+    so a few megabytes of deflated zeros can claim gigabytes: a zip bomb. torch's own saves store
+    every record uncompressed, so a real checkpoint claims about its own size. Only the central
+    directory is read; legacy (non-zip) pickles are left to torch.
+    """
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            claimed = sum(info.file_size for info in archive.infolist())
+    # what zipfile raises on damaged directories (NotImplementedError: an impossible zip version)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error) as e:
+        raise CheckpointError(f"{path}: damaged zip archive ({_first_line(e)})") from None
+    if claimed > MAX_ZIP_EXPANSION * size + _ZIP_SLACK:
+        raise CheckpointError(
+            f"{path}: zip records claim {claimed} bytes uncompressed from a {size}-byte file "
+            f"(over {MAX_ZIP_EXPANSION}x; refused as a possible zip bomb)"
+        )
 
 
 def _unsafe_global_names(path: Path) -> str:
@@ -193,6 +370,21 @@ def state_dict_from_object(obj: object, path: str | Path) -> dict[str, torch.Ten
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors")
     return tensors
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """Raise one CheckpointError naming the floating-point tensors that hold NaN or Inf.
+
+    Such weights load silently and only show up later as black or noise images, so they are
+    refused at load time. One `isfinite().all()` pass per tensor; counts only for the bad ones.
+    """
+    bad = [(k, v) for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        named = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)" for k, v in bad[:3]]
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{source}: {what} has NaN/Inf weights in {len(bad)} tensor(s): {', '.join(named)}{more}"
+        )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

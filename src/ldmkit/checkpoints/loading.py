@@ -55,6 +55,7 @@ from . import keys_clip
 from .io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    check_finite,
     check_readable_file,
     load_pickle,
     read_safetensors,
@@ -212,9 +213,7 @@ def build_model(
     ]
     if problems:
         raise CheckpointError(f"{source}: {what} weights do not fit the model; " + "; ".join(problems))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{source}: {what} has NaN/Inf weights in {len(bad)} tensor(s): {_few(bad)}")
+    check_finite(state, source, what)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
