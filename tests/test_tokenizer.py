@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ldmkit.errors import InvalidArgument
+from ldmkit.errors import CheckpointError, InvalidArgument
 from ldmkit.models.tokenizer import (
     BUNDLED_BPE,
     CLIPTokenizer,
@@ -190,3 +190,41 @@ def test_train_bpe_respects_merge_budget():
     tok = train_bpe(CAPTIONS, num_merges=20)
     assert len(tok.merges) == 20 and len(tok.vocab) == 512 + 20 + 2
     assert train_bpe(CAPTIONS, num_merges=20).merges == tok.merges  # deterministic
+
+
+@pytest.mark.parametrize("cls_name", ["CLIPTokenizer", "CLIPTokenizerFast"])
+def test_loads_transformers5_tokenizer_json(cls_name, hf_folder, ours, tmp_path):
+    """transformers 5 saves only `tokenizer.json` (+ config); ldmkit reads its BPE model."""
+    saved = tmp_path / "model" / "tokenizer"
+    getattr(transformers, cls_name).from_pretrained(str(hf_folder)).save_pretrained(str(saved))
+    assert (saved / "tokenizer.json").is_file()
+    for name in ("vocab.json", "merges.txt"):  # make sure the tokenizer.json path is the one tested
+        (saved / name).unlink(missing_ok=True)
+    loaded = load_tokenizer(tmp_path / "model")
+    assert loaded.vocab == ours.vocab and loaded.merges == ours.merges
+    assert (loaded.pad_id, loaded.context_length) == (ours.eos_id, 77)
+    prompts = make_prompts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = loaded(prompts)
+    expected = hf_ids(transformers.AutoTokenizer.from_pretrained(str(saved)), prompts)
+    mismatched = [p for p, a, b in zip(prompts, ids, expected) if not torch.equal(a, b)]
+    assert not mismatched, f"{len(mismatched)} prompts differ, e.g. {mismatched[:3]!r}"
+
+
+def test_tokenizer_json_variants(hf_folder, ours, tmp_path):
+    """Merges as "a b" strings (older tokenizers files), the SD 2.x pad token, and bad files."""
+    transformers.CLIPTokenizer.from_pretrained(str(hf_folder), pad_token="!").save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    loaded = CLIPTokenizer.from_folder(tmp_path)
+    assert loaded.merges == ours.merges and loaded.pad_id == 0
+    assert CLIPTokenizer.from_tokenizer_json(tmp_path / "tokenizer.json", pad="end").pad_id == ours.eos_id
+    assert torch.equal(loaded("a red cube"), CLIPTokenizer.from_openai_bpe(pad="zero")("a red cube"))
+    data["model"]["type"] = "WordPiece"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="not a BPE tokenizer"):
+        CLIPTokenizer.from_folder(tmp_path)
+    with pytest.raises(CheckpointError, match="tokenizer file not found"):
+        CLIPTokenizer.from_folder(tmp_path / "empty")

@@ -230,3 +230,40 @@ def test_full_sd15_unet_matches_diffusers():
     del theirs, ours
     gc.collect()
     assert err < TOL
+
+
+# stabilityai/stable-diffusion-2-1 unet/config.json (diffusers' "attention_head_dim" is heads here)
+SD21_CONFIG = dict(
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1, dual_cross_attention=False, flip_sin_to_cos=True, freq_shift=0, in_channels=4,
+    layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, num_class_embeds=None,
+    only_cross_attention=False, out_channels=4, sample_size=96,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=True, use_linear_projection=True,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_full_sd21_unet_matches_diffusers():
+    """The real SD 2.1 architecture (heads 5/10/20/20, linear projections, 1024-wide context),
+    random init, into our "sd2" preset with strict loading; latent 32x32, batch 1."""
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**SD21_CONFIG).eval()
+    assert unet_config_from_diffusers(dict(theirs.config)) == unet_preset("sd2")
+    with torch.device("meta"):
+        ours = UNet(unet_preset("sd2"))
+    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)  # shares the tensors
+    ours.eval()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 1024, generator=g)
+    with torch.no_grad():
+        expected = theirs(x, torch.tensor(421.5), ctx).sample
+        got = ours(x, 421.5, ctx)
+    err = (got - expected).abs().max().item()
+    print(f"max abs error {err:.2e}")
+    del theirs, ours
+    gc.collect()
+    assert expected.std() > 1e-2 and err < TOL

@@ -48,7 +48,7 @@ from torch import nn
 from ..diffusion.schedule import PREDICTION_TYPES, ScheduleConfig
 from ..errors import CheckpointError, InvalidArgument, LdmkitError, check_choice
 from ..models.clip import CLIPTextConfig, CLIPTextModel, text_config_from_transformers, text_config_to_transformers
-from ..models.tokenizer import CLIPTokenizer, load_tokenizer
+from ..models.tokenizer import TOKENIZER_JSON, CLIPTokenizer, load_tokenizer
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from . import keys_clip
@@ -302,34 +302,15 @@ def _load_diffusers(folder: Path, arch: str | None, dtype, device) -> Components
 
 
 def _tokenizer_from_folder(folder: Path, arch: str) -> CLIPTokenizer:
-    """`tokenizer/` as vocab.json + merges.txt, or (transformers 5 saves) a tokenizers
-    `tokenizer.json` BPE model; the pad token comes from `tokenizer_config.json`. With neither,
-    the bundled OpenAI vocabulary padded as `arch` pads."""
+    """`tokenizer/` in either layout (vocab.json + merges.txt, or transformers 5's tokenizer.json);
+    with neither, the bundled OpenAI vocabulary padded as `arch` pads."""
     tok_dir = folder / "tokenizer"
-    if (tok_dir / "vocab.json").is_file():
-        return load_tokenizer(folder)
-    path = tok_dir / "tokenizer.json"
-    if not path.is_file():
-        return load_tokenizer(None, pad=_pad(arch))
-    model = _read_json(path).get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(f"{path}: not a BPE tokenizer")
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    options: dict = {}
-    config_path = tok_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        config = _read_json(config_path)
-        pad = config.get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        if isinstance(pad, str) and pad in model["vocab"]:
-            options["pad"] = model["vocab"][pad]
-        length = config.get("model_max_length")
-        if isinstance(length, int) and 2 <= length <= 4096:
-            options["context_length"] = length
-    try:
-        return CLIPTokenizer(model["vocab"], merges, **options)
-    except LdmkitError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    if (tok_dir / "vocab.json").is_file() or (tok_dir / TOKENIZER_JSON).is_file():
+        try:
+            return load_tokenizer(tok_dir)
+        except LdmkitError as e:
+            raise CheckpointError(f"{tok_dir}: {e}") from None
+    return load_tokenizer(None, pad=_pad(arch))
 
 
 def _pad(arch: str) -> str:

@@ -24,7 +24,8 @@ al. 2019). A prompt becomes ids in five steps:
    transformers) or with id 0 (SD 2.x / OpenCLIP, whose pad token is "!").
 
 Where the vocabulary comes from (see `load_tokenizer`): a model folder's `tokenizer/` (or the
-folder itself) holding `vocab.json` + `merges.txt`, the format of transformers and diffusers.
+folder itself) holding `vocab.json` + `merges.txt`, the format of transformers 4 and diffusers, or
+a HF tokenizers `tokenizer.json` (all that transformers 5 saves), whose BPE vocab and merges are read.
 When a checkpoint carries no vocabulary (CompVis / A1111 single files never do), ldmkit uses the
 OpenAI merges file bundled as package data, `ldmkit/assets/bpe_simple_vocab_16e6.txt.gz` (MIT,
 see `assets/LICENSE-bpe_simple_vocab.txt`): SD 1.x and SD 2.x both use this same 49,408-token
@@ -59,6 +60,7 @@ OPENAI_NUM_MERGES = 49152 - 256 - 2
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_BPE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
 MERGES_HEADER = "#version: 0.2"
+TOKENIZER_JSON = "tokenizer.json"  # HF tokenizers' one-file format (all transformers 5 saves)
 # Whitespace as the Oniguruma regex engine of HF tokenizers reads `\s` (Python's str.isspace
 # adds U+001C..U+001F): tab..carriage return, NEL, and the Zs/Zl/Zp categories.
 _EXTRA_SPACES = frozenset("\t\n\x0b\x0c\r\x85")
@@ -263,7 +265,8 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs) -> CLIPTokenizer:
-        """Load `vocab.json` + `merges.txt` (transformers / diffusers `tokenizer/` layout).
+        """Load a transformers / diffusers `tokenizer/` folder: `vocab.json` + `merges.txt`, or
+        else the single `tokenizer.json` that transformers 5 saves (see `from_tokenizer_json`).
 
         The pad token and context length are read from `tokenizer_config.json` or
         `special_tokens_map.json` when present (SD 2.x folders pad with "!", id 0); keyword
@@ -271,13 +274,53 @@ class CLIPTokenizer:
         """
         folder = Path(folder)
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+        has_pair = vocab_path.is_file() and merges_path.is_file()
+        if not has_pair and (folder / TOKENIZER_JSON).is_file():
+            return cls.from_tokenizer_json(folder / TOKENIZER_JSON, **kwargs)
         for path in (vocab_path, merges_path):
             if not path.is_file():
-                raise CheckpointError(f"tokenizer file not found: {path}")
+                raise CheckpointError(f"tokenizer file not found: {path} (and no {TOKENIZER_JSON})")
         vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
         merges = parse_merges(merges_path.read_text(encoding="utf-8").splitlines())
         options = {**_options_from_configs(folder, vocab), **kwargs}
         return cls(vocab, merges, **options)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path, **kwargs) -> CLIPTokenizer:
+        """Load the BPE model of a HF tokenizers `tokenizer.json` (transformers 5 saves only this).
+
+        Only `model.vocab` (token -> id) and `model.merges` ("a b" strings, or [a, b] pairs in
+        newer files) are read: the normalizer, pre-tokenizer and post-processor of a CLIP
+        tokenizer are the fixed steps of the module docstring. The pad token and context length
+        come from the `tokenizer_config.json` beside it, as in `from_folder`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise CheckpointError(f"{path}: not a BPE tokenizer (needs model.type 'BPE' and a model.vocab)")
+        if model.get("end_of_word_suffix") not in (None, END_OF_WORD):
+            raise CheckpointError(
+                f"{path}: not a CLIP BPE model (end_of_word_suffix {model['end_of_word_suffix']!r}, "
+                f"expected {END_OF_WORD!r})"
+            )
+        vocab = model["vocab"]
+        merges = []
+        for merge in model.get("merges", []):
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise CheckpointError(f"{path}: malformed BPE merge {merge!r}")
+            merges.append((pair[0], pair[1]))
+        options = {**_options_from_configs(path.parent, vocab), **kwargs}
+        try:
+            return cls(vocab, merges, **options)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     @classmethod
     def from_openai_bpe(cls, path: str | Path | None = None, **kwargs) -> CLIPTokenizer:
@@ -477,13 +520,14 @@ def train_bpe(
 def load_tokenizer(folder: str | Path | None = None, **kwargs) -> CLIPTokenizer:
     """Find a model's tokenizer: `folder/tokenizer/`, then `folder/`, then the bundled OpenAI BPE.
 
-    Any folder holding `vocab.json` + `merges.txt` wins; with none (or `folder=None`) the
-    vocabulary is the bundled OpenAI file, shared by SD 1.x and SD 2.x (pass `pad="zero"` for
-    SD 2.x / OpenCLIP text encoders).
+    The first folder holding `vocab.json` + `merges.txt` or a `tokenizer.json` wins; with none
+    (or `folder=None`) the vocabulary is the bundled OpenAI file, shared by SD 1.x and SD 2.x
+    (pass `pad="zero"` for SD 2.x / OpenCLIP text encoders).
     """
     if folder is not None:
         folder = Path(folder)
         for candidate in (folder / "tokenizer", folder):
-            if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+            has_pair = (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file()
+            if has_pair or (candidate / TOKENIZER_JSON).is_file():
                 return CLIPTokenizer.from_folder(candidate, **kwargs)
     return CLIPTokenizer.from_openai_bpe(None, **kwargs)
