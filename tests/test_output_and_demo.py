@@ -29,11 +29,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_trains_samples_and_writes_a_grid(tmp_path):
+def test_demo_generates_a_grid_from_the_bundled_model(tmp_path):
     from ldmkit import demo
+    from ldmkit.pipelines.load import BUNDLED_MODEL
 
+    if not BUNDLED_MODEL.is_dir():
+        pytest.fail(f"the bundled model is missing at {BUNDLED_MODEL}")
     out = tmp_path / "grid.png"
-    assert demo.main(["--steps", "3", "--sample-steps", "2", "--out", str(out)]) == 0
+    assert demo.main(["--steps", "2", "--per-prompt", "2", "--out", str(out)]) == 0
     params = read_parameters(out)
-    assert params["sampler"] == "dpmpp_2m" and params["training_steps"] == 3
-    assert Image.open(out).size == (720, 576)  # 10 digits x 8 samples
+    assert params["sampler"] == "dpmpp_2m" and params["steps"] == 2 and len(params["model_hash"]) == 10
+    side = 2 * (2 * 64 + 3 * 2)  # two 64 px images and three 2 px paddings per row, shown at 2x
+    assert Image.open(out).size == (side, 2 * (len(demo.PROMPTS) * 64 + (len(demo.PROMPTS) + 1) * 2))

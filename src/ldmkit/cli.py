@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import GenerationError, InvalidArgument, LdmkitError
+from .evaluation.cli import add_eval
+from .training.cli import add_train
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -335,7 +337,7 @@ def run_generate(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_info, add_convert, add_generate)
+SUBCOMMANDS = (add_info, add_convert, add_generate, add_train, add_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,210 @@
+"""The recipe of the bundled text-to-image model: VAE, CLIP and U-Net trained from scratch on the
+`shapes` data set at 64x64, in stages, on a laptop CPU.
+
+    1. render `scenes` training scenes once (uint8), learn a word-level BPE vocabulary from
+       their captions;
+    2. VAE (4x downscale, 4 latent channels: 64x64x3 -> 16x16x4), L1 + small KL;
+    3. CLIP (text and ViT image towers) with the contrastive loss; zero-shot accuracy on
+       held-out scenes is logged;
+    4. the latent scaling factor measured as 1 / std of the latents;
+    5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
+       state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
+    6. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
+       `training.json` with the recipe and a log summary.
+
+`ldmkit train shapes-model --out DIR` runs it; `--quick` shrinks every stage for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.loading import Components, save_diffusers
+from ..data import make_grid
+from ..data.shapes import ShapesDataset, caption
+from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
+from ..models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from ..models.tokenizer import CLIPTokenizer, train_bpe
+from ..models.unet import UNet, UNetConfig
+from ..models.vae import VAEConfig
+from ..pipelines.stable_diffusion import StableDiffusion
+from .stages import CLIPStage, LatentUNetStage, VAEStage, images_to_uint8, measure_scaling_factor, uint8_to_images
+from .trainer import TrainConfig, Trainer
+
+CONTEXT_LENGTH = 16  # tokens per prompt: the longest shapes caption is 13 with start and end
+SAMPLE_PROMPTS = (
+    "a red circle", "a large blue square", "a small green triangle", "an orange circle",
+    "a red circle to the left of a blue square", "a yellow triangle above a purple circle",
+    "a green square below an orange triangle", "a blue circle to the right of a red triangle",
+)
+
+
+@dataclass(frozen=True)
+class ShapesModelRecipe:
+    """Every choice of the bundled model; saved with it in training.json."""
+
+    scenes: int = 20_000  # training scenes rendered once
+    image_size: int = 64  # canvas side
+    seed: int = 0  # seeds data, weights and noise of every stage
+    vae: VAEConfig = VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16,
+                               latent_channels=4, mid_attention=False, sample_size=64)
+    vae_train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=30,
+                                         ema_decay=None, checkpoint_every=100)
+    vae_crop: int = 32  # the VAE trains on random 32x32 crops: a quarter of the cost per step
+    kl_weight: float = 1e-6  # LDM's weight of the summed KL against the summed L1
+    clip_width: int = 128  # both towers
+    clip_layers: int = 3  # both towers
+    clip_train: TrainConfig = TrainConfig(steps=500, batch_size=128, lr=1e-3, warmup_steps=50,
+                                          weight_decay=0.1, ema_decay=None, checkpoint_every=200)
+    unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 128),
+                                  layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
+                                  context_dim=128, norm_groups=16, sample_size=16)
+    unet_train: TrainConfig = TrainConfig(steps=2500, batch_size=64, lr=1e-3, warmup_steps=200,
+                                          ema_decay=0.999, checkpoint_every=250, sample_every=500)
+    caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
+
+    def quick(self) -> ShapesModelRecipe:
+        """A seconds-long version for tests: tiny data, a few steps per stage."""
+        short = lambda c: replace(c, steps=3, warmup_steps=1, checkpoint_every=3, sample_every=0)  # noqa: E731
+        return replace(self, scenes=64, vae_train=short(self.vae_train), clip_train=replace(short(self.clip_train), batch_size=16),
+                       unet_train=replace(short(self.unet_train), batch_size=8))
+
+
+def render_scenes(count: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """`count` training scenes as uint8 (N, 3, size, size) and their captions."""
+    data = ShapesDataset(size=size, length=count, seed=seed, split="train")
+    images = torch.stack([images_to_uint8(data[i]["image"]) for i in range(count)])
+    return images, [caption(data.scene(i)) for i in range(count)]
+
+
+def shapes_tokenizer(captions: list[str]) -> CLIPTokenizer:
+    """A word-level vocabulary of the captions (unseen words still spell out byte by byte)."""
+    return train_bpe(sorted(set(captions)), num_merges=None, min_frequency=1, context_length=CONTEXT_LENGTH)
+
+
+def clip_config(recipe: ShapesModelRecipe, tokenizer: CLIPTokenizer) -> CLIPConfig:
+    w, n = recipe.clip_width, recipe.clip_layers
+    text = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n,
+                          num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH,
+                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    vision = CLIPVisionConfig(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=n, num_attention_heads=4,
+                              image_size=recipe.image_size, patch_size=8, projection_dim=None)
+    return CLIPConfig(text=text, vision=vision, projection_dim=w)
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """The text tower alone (with its projection), as pipelines use it."""
+    text = CLIPTextModel(replace(clip.config.text, projection_dim=clip.config.projection_dim))
+    state = {k: v for k, v in clip.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
+    text.load_state_dict(state)
+    return text.requires_grad_(False).eval()
+
+
+def zero_shot_set(recipe: ShapesModelRecipe, count: int = 256):
+    """Held-out one-object scenes and the 18 "a {color} {shape}" class prompts."""
+    from ..data.shapes import COLORS, SHAPES, article
+
+    data = ShapesDataset(size=recipe.image_size, length=count, seed=recipe.seed + 1, split="train",
+                         one_object_fraction=1.0)
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    prompts = [f"{article(c)} {c} {s}" for c, s in classes]
+    images, labels = [], []
+    for i in range(count):
+        obj = data.scene(i).objects[0]
+        images.append(images_to_uint8(data[i]["image"]))
+        labels.append(classes.index((obj.color, obj.shape)))
+    return torch.stack(images), labels, prompts
+
+
+@torch.no_grad()
+def encode_dataset(vae, images: torch.Tensor, scaling: float, batch_size: int = 256):
+    """Posterior means and stds of every image, times the scaling factor."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        posterior = vae.encode(uint8_to_images(images[i:i + batch_size]))
+        means.append(posterior.mean * scaling)
+        stds.append(posterior.std * scaling)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]):
+    """(caption index per row, contexts (K, T, D) of the distinct captions, the empty caption's context)."""
+    distinct = sorted(set(captions))
+    index = {c: i for i, c in enumerate(distinct)}
+    contexts = text_encoder(tokenizer(distinct)).last_hidden_state
+    empty = text_encoder(tokenizer([""])).last_hidden_state[0]
+    return torch.tensor([index[c] for c in captions]), contexts, empty
+
+
+def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModelRecipe = ShapesModelRecipe(),
+                       resume: bool = False, progress: bool = True) -> Path:
+    """Run the whole recipe; write the model folder `out`; returns it. Stage runs (checkpoints,
+    samples, TensorBoard) go under `run_dir/<stage>`; with `resume`, each stage continues from
+    its newest checkpoint when it has one."""
+    out, run_dir = Path(out), Path(run_dir)
+    started, summary = time.time(), {}
+    torch.manual_seed(recipe.seed)
+    images, captions = render_scenes(recipe.scenes, recipe.image_size, recipe.seed)
+    tokenizer = shapes_tokenizer(captions)
+
+    def run(stage, config: TrainConfig):
+        trainer = Trainer(stage, config, run_dir / stage.name, progress=progress)
+        if resume and (run_dir / stage.name / "checkpoints").is_dir():
+            trainer.resume()
+        stage_start = time.time()
+        model = trainer.train()
+        summary[stage.name] = {"steps": config.steps, "final_loss": _tail_mean(trainer.history),
+                               "minutes": round((time.time() - stage_start) / 60, 2)}
+        return model
+
+    vae_stage = VAEStage(recipe.vae, images, kl_weight=recipe.kl_weight, crop_size=recipe.vae_crop)
+    vae = run(vae_stage, recipe.vae_train).vae.eval()
+    clip_stage = CLIPStage(CLIPModel(clip_config(recipe, tokenizer)), tokenizer, images, captions,
+                           zero_shot=zero_shot_set(recipe))
+    clip = run(clip_stage, recipe.clip_train).eval()
+    summary["clip"]["zero_shot_accuracy_18_classes"] = clip_stage.zero_shot_accuracy(clip)
+    text_encoder = text_encoder_from_clip(clip)
+
+    scaling = measure_scaling_factor(vae, images[:2048], torch.Generator().manual_seed(recipe.seed))
+    vae.config = replace(vae.config, scaling_factor=scaling)
+    summary["vae"]["scaling_factor"] = scaling
+    latent_mean, latent_std = encode_dataset(vae, images, scaling)
+    caption_ids, contexts, empty = encode_captions(text_encoder, tokenizer, captions)
+    schedule = NoiseSchedule(recipe.schedule)
+
+    def sampler(unet):
+        pipe = StableDiffusion(unet, vae, text_encoder, tokenizer, schedule)
+        x = pipe.txt2img(list(SAMPLE_PROMPTS), sampler="dpmpp_2m", steps=20, cfg_scale=4.0,
+                         height=recipe.image_size, width=recipe.image_size, seed=recipe.seed, output="tensor")
+        return make_grid(x * 2 - 1, nrow=4)
+
+    unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, latent_mean, latent_std, caption_ids, contexts, empty,
+                                 caption_dropout=recipe.caption_dropout, sampler=sampler)
+    unet = run(unet_stage, recipe.unet_train).eval()
+
+    components = Components(unet, vae.requires_grad_(False), text_encoder, tokenizer, recipe.schedule)
+    save_diffusers(components, out)
+    summary["total_minutes"] = round((time.time() - started) / 60, 2)
+    (out / "training.json").write_text(json.dumps({"recipe": _jsonable(asdict(recipe)), "summary": summary},
+                                                  indent=2) + "\n")
+    return out
+
+
+def _tail_mean(history: list[float], n: int = 50) -> float | None:
+    tail = history[-n:]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,44 @@
+"""The training recipes end to end from the CLI, shrunk to seconds: the shapes text-to-image
+model (VAE, CLIP, U-Net, saved and loaded back) and the digits DDPM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldmkit.cli import main
+from ldmkit.pipelines.load import load_pipeline
+from ldmkit.training.trainer import checkpoint_paths
+
+
+@pytest.mark.slow
+def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    summary = json.loads((out / "training.json").read_text())["summary"]
+    assert set(summary) >= {"vae", "clip", "unet", "total_minutes"}
+    assert summary["vae"]["scaling_factor"] > 0
+    for stage in ("vae", "clip", "unet"):
+        assert checkpoint_paths(tmp_path / "runs" / stage / "checkpoints")
+    pipe = load_pipeline(out, precision="fp32", device="cpu")
+    assert pipe.default_size == 64 and pipe.tokenizer.context_length == 16
+    images = pipe.txt2img("a red circle", sampler="dpmpp_2m", steps=2, height=64, width=64, seed=0, output="tensor")
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_digits_recipe_trains_and_resumes_from_the_cli(tmp_path):
+    run_dir = tmp_path / "digits"
+    assert main(["train", "digits", "--steps", "2", "--batch-size", "8", "--run-dir", str(run_dir)]) == 0
+    assert [p.name for p in checkpoint_paths(run_dir / "checkpoints")] == ["step-00000002.pt"]
+    assert (run_dir / "samples" / "step-00000002.png").is_file()
+    assert main(["train", "digits", "--steps", "3", "--batch-size", "8", "--run-dir", str(run_dir), "--resume"]) == 0
+    assert checkpoint_paths(run_dir / "checkpoints")[-1].name == "step-00000003.pt"
+
+
+def test_resume_without_checkpoints_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "minimal", "--steps", "1", "--run-dir", str(tmp_path / "none"), "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ldmkit: error: cannot resume: no checkpoint")

@@ -1,0 +1,228 @@
+"""The trainer: exact resume, accumulation, data parallelism, and what happens when things go wrong
+(kill -9, full disk, divergence, missing or corrupt checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldmkit.training import trainer as trainer_module
+from ldmkit.training.trainer import (
+    DataOrder,
+    RowRandom,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    checkpoint_paths,
+    load_checkpoint,
+    lr_factor,
+)
+from training_worker import tiny_stage
+
+WORKER = Path(__file__).with_name("training_worker.py")
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=1000)
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(run_dir, resume=False, **overrides) -> Trainer:
+    trainer = Trainer(tiny_stage(), config(**overrides), run_dir, progress=False)
+    if resume:
+        trainer.resume()
+    trainer.train()
+    return trainer
+
+
+def weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def test_data_order_is_a_permutation_per_epoch_and_resumes():
+    order = DataOrder(10, seed=3)
+    first = order.next_batch(10)
+    assert sorted(first) == list(range(10))
+    order.next_batch(4)
+    state = order.state_dict()
+    rest = order.next_batch(12)
+    again = DataOrder(10, seed=3)
+    again.load_state_dict(state)
+    assert again.next_batch(12) == rest
+    assert state == {"epoch": 1, "offset": 4}
+
+
+def test_row_random_does_not_depend_on_how_rows_are_split():
+    whole = RowRandom(0, 5, [0, 1, 2, 3]).randn(2, 2)
+    halves = torch.cat([RowRandom(0, 5, [0, 1]).randn(2, 2), RowRandom(0, 5, [2, 3]).randn(2, 2)])
+    assert torch.equal(whole, halves)
+    assert not torch.equal(whole, RowRandom(0, 6, [0, 1, 2, 3]).randn(2, 2))
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+# -- exactness ---------------------------------------------------------------------------------
+
+
+def test_resumed_run_matches_the_uninterrupted_run_exactly(tmp_path):
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", steps=6, checkpoint_every=3)  # writes step 3 and 6
+    (tmp_path / "b" / "checkpoints" / "step-00000006.pt").unlink()
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.history == straight.history
+    assert weights_equal(resumed.model.state_dict(), straight.model.state_dict())
+    assert weights_equal(resumed.ema.state_dict(), straight.ema.state_dict())
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    whole = run(tmp_path / "a", steps=3)
+    micro = run(tmp_path / "b", steps=3, micro_batch_size=3)  # 3 + 3 + 2 rows
+    torch.testing.assert_close(torch.tensor(micro.history), torch.tensor(whole.history), rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v): float-rounding differences in near-zero gradients move weights by up
+    # to ~lr, so weights are compared at a fraction of one step (lr = 1e-2), losses tightly
+    for k, v in whole.model.state_dict().items():
+        torch.testing.assert_close(micro.model.state_dict()[k], v, rtol=1e-3, atol=5e-4)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = run(tmp_path, steps=3, precision="bf16")
+    assert all(torch.isfinite(torch.tensor(trainer.history)))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "4"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(WORKER), str(tmp_path / "two"), "4"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one = torch.load(tmp_path / "one" / "final.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "final.pt", weights_only=True)
+    torch.testing.assert_close(two["history"], one["history"], rtol=1e-5, atol=1e-6)
+    for k, v in one["model"].items():  # tolerance as in the accumulation test
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-3, atol=5e-4)
+    # only rank 0 wrote: one event file, one config
+    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1
+
+
+# -- logging and outputs -----------------------------------------------------------------------
+
+
+def test_writes_config_tensorboard_scalars_and_checkpoints(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run(tmp_path, steps=4, log_every=2, checkpoint_every=2, keep_checkpoints=1)
+    assert [p.name for p in checkpoint_paths(tmp_path / "checkpoints")] == ["step-00000004.pt"]
+    assert (tmp_path / "config.json").is_file()
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("pixel_ddpm/loss")] == [2, 4]
+    assert "pixel_ddpm/grad_norm" in acc.Tags()["scalars"]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        Trainer(tiny_stage(), config(), tmp_path, progress=False).resume()
+
+
+def test_resume_from_a_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    run(tmp_path, steps=2, checkpoint_every=2)
+    path = checkpoint_paths(tmp_path / "checkpoints")[-1]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(TrainingError, match="unreadable"):
+        Trainer(tiny_stage(), config(), tmp_path, progress=False).resume()
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, monkeypatch):
+    run(tmp_path, steps=2, checkpoint_every=2)
+    good = checkpoint_paths(tmp_path / "checkpoints")
+    before = good[-1].read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module.torch, "save", disk_full)
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is kept"):
+        run(tmp_path, resume=True, steps=4, checkpoint_every=2)
+    monkeypatch.undo()
+    assert checkpoint_paths(tmp_path / "checkpoints") == good
+    assert good[-1].read_bytes() == before
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert load_checkpoint(good[-1])["step"] == 2
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    run(tmp_path, steps=2, checkpoint_every=2)
+    stage = tiny_stage()
+    loss = stage.loss
+    stage.loss = lambda model, batch, rand: (loss(model, batch, rand)[0] * float("nan"), {})
+    trainer = Trainer(stage, config(steps=4, checkpoint_every=1), tmp_path, progress=False)
+    trainer.resume()
+    with pytest.raises(TrainingError, match="diverged at step 3"):
+        trainer.train()
+    paths = checkpoint_paths(tmp_path / "checkpoints")
+    assert [p.name for p in paths] == ["step-00000002.pt"]
+    state = load_checkpoint(paths[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _newest_step(run_dir: Path) -> int:
+    paths = checkpoint_paths(run_dir / "checkpoints")
+    return int(paths[-1].name[5:13]) if paths else -1
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_never_loses_finished_work(tmp_path):
+    """Kill a checkpoint-every-step run at random moments, resume each time; the final loss curve
+    equals an uninterrupted run's, and no partial file survives a restart."""
+    steps, env = 12, {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "ref"), str(steps)], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run_dir, rng = tmp_path / "killed", random.Random(0)
+    for attempt in range(3):
+        cmd = [sys.executable, str(WORKER), str(run_dir), str(steps), "--checkpoint-every", "1", "--slow", "0.15"]
+        if checkpoint_paths(run_dir / "checkpoints"):
+            cmd.append("--resume")
+        before = _newest_step(run_dir)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while _newest_step(run_dir) == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # wait for this attempt's first new checkpoint
+        time.sleep(rng.uniform(0, 0.5))  # then kill at a random moment, possibly mid-save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        newest = checkpoint_paths(run_dir / "checkpoints")
+        assert newest, "no checkpoint survived the kill"
+        load_checkpoint(newest[-1])  # the newest complete one always loads
+    finish = subprocess.run([sys.executable, str(WORKER), str(run_dir), str(steps), "--checkpoint-every", "1",
+                             "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    ref = torch.load(tmp_path / "ref" / "final.pt", weights_only=True)
+    assert torch.equal(final["history"], ref["history"])
+    assert weights_equal(final["model"], ref["model"])
