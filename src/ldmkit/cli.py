@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (2 for user mistakes, with one line on stderr)."""
+    """Run the CLI; returns the exit code (2 for user mistakes, with one line on stderr; 130 for Ctrl-C)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -361,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split("\n"))
         print(f"ldmkit: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: finished files are complete (atomic writes), no traceback
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,3 +20,13 @@ def tiny_single_file(tiny_state_dict, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     io.save_safetensors(tiny_state_dict, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory):
+    """The same tiny model as a diffusers folder (what `ldmkit generate --model` is given)."""
+    from ldmkit.checkpoints.loading import save_diffusers
+
+    folder = tmp_path_factory.mktemp("tiny_diffusers")
+    save_diffusers(tiny_components(), folder)
+    return folder

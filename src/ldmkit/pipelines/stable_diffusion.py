@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..diffusion.denoiser import Denoiser, classifier_free_guidance
+from ..diffusion.guidance import EmbedImage, Guidance, clip_guidance
 from ..diffusion.samplers import gaussian_noise
 from ..diffusion.sampling import SAMPLERS, SamplingPlan, make_plan
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import GenerationError, InvalidArgument, check_choice
-from ..models.clip import CLIPTextModel
+from ..models.clip import CLIPModel, CLIPTextModel, clip_preprocess
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
@@ -168,6 +169,13 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise GenerationError(f"generation produced NaN or Inf values in the {what} "
                               "(try float32, a lower cfg_scale or another sampler)")
+
+
+def clip_image_embedder(clip_model: CLIPModel) -> EmbedImage:
+    """images (B, 3, H, W) in [-1, 1] -> `clip_model`'s image embeddings (B, P), differentiable;
+    the `embed_image` of diffusion.guidance.clip_guidance."""
+    size, dtype = clip_model.config.vision.image_size, clip_model.visual_projection.weight.dtype
+    return lambda images: clip_model.encode_image(clip_preprocess(images, size).to(dtype))
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -305,11 +313,14 @@ class StableDiffusion:
     def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                 sampler: str = "pndm", steps: int = 50, cfg_scale: float = 7.5, eta: float | None = None,
                 karras: bool = False, height: int = 512, width: int = 512, num_images: int = 1,
-                seed: int | Generators | None = None, output: str = "pil", callback: Callback = None):
+                seed: int | Generators | None = None, output: str = "pil", callback: Callback = None,
+                guidance: Guidance | None = None):
         """Images for `prompt` (one or a list), `num_images` each, from pure noise.
 
         seed: an int, a CPU torch.Generator, or one generator per image (then a batch equals the
-        single runs). Returns PIL images, a (B, 3, H, W) tensor in [0, 1] or the latents.
+        single runs). guidance: wraps the CFG denoiser, e.g. `self.make_clip_guidance(...)` or
+        `lambda d: dynamic_thresholding(d)` (diffusion/guidance.py). Returns PIL images, a
+        (B, 3, H, W) tensor in [0, 1] or the latents.
         """
         prompts, negative = _as_prompts(prompt), _as_prompts(negative_prompt, "negative_prompt")
         _check_common(sampler, steps, cfg_scale, num_images, output)
@@ -323,6 +334,8 @@ class StableDiffusion:
         shape = (batch, self.latent_channels, height // self.downscale, width // self.downscale)
         x = gaussian_noise(shape, generator, self.device) * plan.init_noise_scale
         denoiser = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale)
+        if guidance is not None:
+            denoiser = guidance(denoiser)
         return self._finish(self._sample(plan, denoiser, x, eta, generator, callback), output)
 
     @torch.no_grad()
@@ -405,6 +418,24 @@ class StableDiffusion:
                 return latent_mask * guided(x_, sigma, **kwargs) + (1 - latent_mask) * known
 
         return self._finish(self._sample(plan, denoiser, x, eta, generator, callback), output)
+
+    # -- guidance hooks (diffusion/guidance.py) ------------------------------------------------
+
+    @torch.no_grad()
+    def make_clip_guidance(self, clip_model: CLIPModel, prompt: str | Sequence[str], scale: float,
+                           tokenizer: CLIPTokenizer | None = None) -> Guidance:
+        """A `guidance=` hook for txt2img steering the decoded images toward `prompt` under
+        `clip_model` (one prompt, or one per prompt of the run). The gradient of the CLIP cosine
+        similarity flows through the VAE decoder and the U-Net. `tokenizer` defaults to the
+        pipeline's; pass the CLIP model's own when its vocabulary differs."""
+        if not math.isfinite(scale):
+            raise InvalidArgument(f"CLIP guidance scale must be a finite number, got {scale}")
+        tokenizer = tokenizer or self.tokenizer
+        device = clip_model.logit_scale.device
+        text = clip_model.encode_text(tokenizer(_as_prompts(prompt)).to(device), normalize=True)  # (P, D)
+        embed_image = clip_image_embedder(clip_model)
+        decode = lambda z: self._decode(self.vae, z)  # noqa: E731  differentiable, [-1, 1]
+        return lambda denoiser: clip_guidance(denoiser, embed_image, text, decode, scale)
 
     def _load_image(self, image: ImageInput) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] with H and W multiples of `self.multiple`."""

@@ -14,6 +14,7 @@ import torch
 from ..data import make_grid
 from ..data.digits import DigitsDataset
 from ..diffusion.denoiser import Denoiser, classifier_free_guidance
+from ..diffusion.guidance import dynamic_thresholding
 from ..diffusion.samplers import gaussian_noise
 from ..diffusion.sampling import make_plan
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -45,12 +46,17 @@ def digits_tensors(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def sample_digits(model: UNet, schedule: NoiseSchedule, labels: torch.Tensor, steps: int = 25,
-                  cfg_scale: float = 2.0, seed: int = 0, progress=None) -> torch.Tensor:
-    """Class-conditional samples (B, 1, 16, 16) in [-1, 1], DPM-Solver++(2M) with Karras sigmas."""
+                  cfg_scale: float = 2.0, seed: int = 0, progress=None,
+                  threshold: float | None = None) -> torch.Tensor:
+    """Class-conditional samples (B, 1, 16, 16) in [-1, 1], DPM-Solver++(2M) with Karras sigmas;
+    `threshold` (e.g. 0.995) applies Imagen's dynamic thresholding at that percentile, which keeps
+    high guidance scales from saturating pixels."""
     plan = make_plan("dpmpp_2m", schedule, steps, karras=True)
     denoiser = Denoiser(model, schedule, quantize_timesteps=plan.quantize_timesteps)
     guided = classifier_free_guidance(denoiser, {"class_labels": labels},
                                       {"class_labels": torch.full_like(labels, NULL_CLASS)}, cfg_scale)
+    if threshold is not None:
+        guided = dynamic_thresholding(guided, threshold)
     x = gaussian_noise((len(labels), 1, SIZE, SIZE), torch.Generator().manual_seed(seed)) * plan.init_noise_scale
     x = plan.run(guided, x, callback=progress)
     return plan.to_vp(x).clamp(-1, 1)
