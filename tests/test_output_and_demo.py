@@ -1,5 +1,7 @@
 """PNG output with embedded parameters, written atomically; the demo runs end to end."""
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -41,3 +43,10 @@ def test_demo_generates_a_grid_from_the_bundled_model(tmp_path):
     assert params["sampler"] == "dpmpp_2m" and params["steps"] == 2 and len(params["model_hash"]) == 10
     side = 2 * (2 * 64 + 3 * 2)  # two 64 px images and three 2 px paddings per row, shown at 2x
     assert Image.open(out).size == (side, 2 * (len(demo.PROMPTS) * 64 + (len(demo.PROMPTS) + 1) * 2))
+
+
+def test_saved_pngs_get_the_usual_permissions(tmp_path):
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "p.png", {"v": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

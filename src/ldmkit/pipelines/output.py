@@ -25,6 +25,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | Non
         info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -34,6 +35,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_parameters(path: str | os.PathLike) -> dict:
