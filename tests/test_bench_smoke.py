@@ -1,0 +1,50 @@
+"""bench/run.py --smoke: every workload, variant, check and report section runs on tiny models.
+
+The numbers of a smoke run mean nothing; this only keeps the benchmark script from rotting
+between the (long, manual) real measurements.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit fp32 CL", "ldmkit bf16 CL")
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_bench_smoke_writes_the_report(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--runs", "1", "--skip-pipeline",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert report in proc.stdout  # the same report is printed
+
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    for workload, variants in (("U-Net step", 5), ("VAE decode", 5), ("text encode", 4)):
+        timed = [r for r in rows if r.startswith(f"| {workload} ")]
+        assert len(timed) == variants, f"{workload}: {timed}"
+        assert not any("failed:" in r for r in timed), timed
+    for variant in VARIANTS:
+        assert any(f"| {variant} " in r for r in rows), variant
+    assert "txt2img" not in report  # --skip-pipeline
+
+    # the quality checks with targets pass even on tiny random models
+    checks = {r.split("|")[1].strip(): r for r in rows if "vs" in r and ("pass" in r or "FAIL" in r)}
+    assert any(k.startswith("U-Net ldmkit bf16 CL vs ldmkit fp32") for k in checks), checks
+    assert any(k.startswith("VAE ldmkit bf16 CL vs ldmkit fp32") for k in checks), checks
+    assert not any("FAIL" in r for r in checks.values()), checks
+
+    # every tiny module runs with bf16 weights and channels_last inputs
+    assert "## bf16 weights + channels_last inputs on tiny modules" in report
+    assert "ERROR" not in report and "NON-FINITE" not in report
