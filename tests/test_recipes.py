@@ -42,3 +42,20 @@ def test_resume_without_checkpoints_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ldmkit: error: cannot resume: no checkpoint")
+
+
+def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latent_space(tmp_path):
+    from ldmkit.models.vae import AutoencoderKL, vae_preset
+    from ldmkit.training.stages import VAEStage
+    from ldmkit.training.trainer import TrainConfig, Trainer
+
+    config = vae_preset("tiny", sample_size=16)
+    trained = AutoencoderKL(config)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    stage = VAEStage(config, images, decoder_of=trained)
+    assert stage.name == "vae_decoder"
+    vae = Trainer(stage, TrainConfig(steps=2, batch_size=4, warmup_steps=1, ema_decay=None), tmp_path,
+                  progress=False).train().vae
+    before, after = trained.state_dict(), vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))

@@ -9,7 +9,9 @@
     4. the latent scaling factor measured as 1 / std of the latents;
     5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
        state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
-    6. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
+    6. the VAE decoder fine-tuned alone on whole images (the encoder, hence the latent space the
+       U-Net learned, unchanged), as SD's ft-MSE decoder was;
+    7. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
        `training.json` with the recipe and a log summary.
 
 `ldmkit train shapes-model --out DIR` runs it; `--quick` shrinks every stage for tests.
@@ -53,18 +55,20 @@ class ShapesModelRecipe:
     seed: int = 0  # seeds data, weights and noise of every stage
     vae: VAEConfig = VAEConfig(block_channels=(32, 64, 64), layers_per_block=1, norm_groups=16,
                                latent_channels=4, mid_attention=False, sample_size=64)
-    vae_train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup_steps=30,
+    vae_train: TrainConfig = TrainConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=30,
                                          ema_decay=None, checkpoint_every=100)
     vae_crop: int = 32  # the VAE trains on random 32x32 crops: a quarter of the cost per step
     kl_weight: float = 1e-6  # LDM's weight of the summed KL against the summed L1
+    decoder_train: TrainConfig = TrainConfig(steps=600, batch_size=8, lr=1e-3, warmup_steps=20,
+                                             ema_decay=None, checkpoint_every=100)  # full 64x64 images
     clip_width: int = 128  # both towers
     clip_layers: int = 3  # both towers
-    clip_train: TrainConfig = TrainConfig(steps=500, batch_size=128, lr=1e-3, warmup_steps=50,
+    clip_train: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=50,
                                           weight_decay=0.1, ema_decay=None, checkpoint_every=200)
-    unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 128),
+    unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
-    unet_train: TrainConfig = TrainConfig(steps=2500, batch_size=64, lr=1e-3, warmup_steps=200,
+    unet_train: TrainConfig = TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=500)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
@@ -72,7 +76,8 @@ class ShapesModelRecipe:
     def quick(self) -> ShapesModelRecipe:
         """A seconds-long version for tests: tiny data, a few steps per stage."""
         short = lambda c: replace(c, steps=3, warmup_steps=1, checkpoint_every=3, sample_every=0)  # noqa: E731
-        return replace(self, scenes=64, vae_train=short(self.vae_train), clip_train=replace(short(self.clip_train), batch_size=16),
+        return replace(self, scenes=64, vae_train=short(self.vae_train), decoder_train=short(self.decoder_train),
+                       clip_train=replace(short(self.clip_train), batch_size=16),
                        unet_train=replace(short(self.unet_train), batch_size=8))
 
 
@@ -150,7 +155,6 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     its newest checkpoint when it has one."""
     out, run_dir = Path(out), Path(run_dir)
     started, summary = time.time(), {}
-    torch.manual_seed(recipe.seed)
     images, captions = render_scenes(recipe.scenes, recipe.image_size, recipe.seed)
     tokenizer = shapes_tokenizer(captions)
 
@@ -164,8 +168,10 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
                                "minutes": round((time.time() - stage_start) / 60, 2)}
         return model
 
+    torch.manual_seed(recipe.seed)  # each stage's initial weights from its own seed, whatever ran before
     vae_stage = VAEStage(recipe.vae, images, kl_weight=recipe.kl_weight, crop_size=recipe.vae_crop)
     vae = run(vae_stage, recipe.vae_train).vae.eval()
+    torch.manual_seed(recipe.seed + 1)
     clip_stage = CLIPStage(CLIPModel(clip_config(recipe, tokenizer)), tokenizer, images, captions,
                            zero_shot=zero_shot_set(recipe))
     clip = run(clip_stage, recipe.clip_train).eval()
@@ -185,9 +191,12 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
                          height=recipe.image_size, width=recipe.image_size, seed=recipe.seed, output="tensor")
         return make_grid(x * 2 - 1, nrow=4)
 
+    torch.manual_seed(recipe.seed + 2)
     unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, latent_mean, latent_std, caption_ids, contexts, empty,
                                  caption_dropout=recipe.caption_dropout, sampler=sampler)
     unet = run(unet_stage, recipe.unet_train).eval()
+    # the decoder alone, on whole images: sharper colours and edges, same latent space
+    vae = run(VAEStage(recipe.vae, images, decoder_of=vae), recipe.decoder_train).vae.eval()
 
     components = Components(unet, vae.requires_grad_(False), text_encoder, tokenizer, recipe.schedule)
     save_diffusers(components, out)

@@ -72,10 +72,20 @@ class VAEStage:
 
     def __init__(self, config: VAEConfig, images: torch.Tensor, kl_weight: float = 1e-6,
                  reconstruction: str = "l1", perceptual: Callable | None = None,
-                 perceptual_weight: float = 0.1, sample_count: int = 8, crop_size: int | None = None) -> None:
+                 perceptual_weight: float = 0.1, sample_count: int = 8, crop_size: int | None = None,
+                 decoder_of: AutoencoderKL | None = None) -> None:
         if reconstruction not in ("l1", "l2"):
             raise InvalidArgument(f"reconstruction must be l1 or l2, got {reconstruction!r}")
-        self.model = VAETrainingModel(AutoencoderKL(config))
+        vae = AutoencoderKL(config)
+        if decoder_of is not None:
+            # Fine-tune only the decoder of a trained VAE (as SD's ft-MSE VAE did): the encoder,
+            # and so the latent space a U-Net learns, stay exactly as they are.
+            vae.load_state_dict(decoder_of.state_dict())
+            for frozen in (vae.encoder, vae.quant_conv):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
+            self.name = "vae_decoder"
+        self.model = VAETrainingModel(vae)
         self.images = images  # (N, C, H, W) uint8
         self.kl_weight, self.reconstruction = kl_weight, reconstruction
         self.perceptual, self.perceptual_weight = perceptual, perceptual_weight
