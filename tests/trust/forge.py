@@ -121,10 +121,15 @@ def save_with_fake_lightning(build, path: Path) -> None:
 
 
 def run_measured(code: str, timeout: float = 60) -> tuple[str, int]:
-    """Run `code` in a fresh interpreter; (its stdout, its peak resident memory in MiB)."""
+    """Run `code` in a fresh interpreter; (its stdout, its peak resident memory in MiB).
+
+    The peak is VmHWM from /proc: ru_maxrss survives exec, so a child of a big pytest process
+    would report the parent's peak.
+    """
     wrapped = textwrap.dedent(code) + textwrap.dedent("""
-        import resource
-        print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        import re
+        status = open("/proc/self/status").read()
+        print("PEAK_MIB", int(re.search(r"VmHWM:\\s+(\\d+) kB", status)[1]) // 1024)
     """)
     proc = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
