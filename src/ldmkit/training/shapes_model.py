@@ -36,7 +36,7 @@ from ..models.unet import UNet, UNetConfig
 from ..models.vae import VAEConfig
 from ..pipelines.stable_diffusion import StableDiffusion
 from .stages import CLIPStage, LatentUNetStage, VAEStage, images_to_uint8, measure_scaling_factor, uint8_to_images
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, save_checkpoint_atomic
 
 CONTEXT_LENGTH = 16  # tokens per prompt: the longest shapes caption is 13 with start and end
 SAMPLE_PROMPTS = (
@@ -155,7 +155,10 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     its newest checkpoint when it has one."""
     out, run_dir = Path(out), Path(run_dir)
     started, summary = time.time(), {}
-    images, captions = render_scenes(recipe.scenes, recipe.image_size, recipe.seed)
+    scenes = _cached(run_dir / f"scenes-{recipe.scenes}-{recipe.image_size}-{recipe.seed}.pt",
+                     lambda: dict(zip(("images", "captions"), render_scenes(recipe.scenes, recipe.image_size,
+                                                                                  recipe.seed))))
+    images, captions = scenes["images"], scenes["captions"]
     tokenizer = shapes_tokenizer(captions)
 
     def run(stage, config: TrainConfig):
@@ -178,11 +181,19 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     summary["clip"]["zero_shot_accuracy_18_classes"] = clip_stage.zero_shot_accuracy(clip)
     text_encoder = text_encoder_from_clip(clip)
 
-    scaling = measure_scaling_factor(vae, images[:2048], torch.Generator().manual_seed(recipe.seed))
+    def encode_inputs() -> dict:
+        scaling = measure_scaling_factor(vae, images[:2048], torch.Generator().manual_seed(recipe.seed))
+        mean, std = encode_dataset(vae, images, scaling)
+        caption_ids, contexts, empty = encode_captions(text_encoder, tokenizer, captions)
+        return {"scaling": torch.tensor(scaling), "mean": mean, "std": std, "caption_ids": caption_ids,
+                "contexts": contexts, "empty": empty}
+
+    # the frozen networks' outputs, cached for a resumed run (valid while the VAE and CLIP are)
+    inputs_path = run_dir / "unet_inputs.pt"
+    inputs = _cached(inputs_path, encode_inputs) if resume else _save(encode_inputs(), inputs_path)
+    scaling = float(inputs["scaling"])
     vae.config = replace(vae.config, scaling_factor=scaling)
     summary["vae"]["scaling_factor"] = scaling
-    latent_mean, latent_std = encode_dataset(vae, images, scaling)
-    caption_ids, contexts, empty = encode_captions(text_encoder, tokenizer, captions)
     schedule = NoiseSchedule(recipe.schedule)
 
     def sampler(unet):
@@ -192,8 +203,9 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
         return make_grid(x * 2 - 1, nrow=4)
 
     torch.manual_seed(recipe.seed + 2)
-    unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, latent_mean, latent_std, caption_ids, contexts, empty,
-                                 caption_dropout=recipe.caption_dropout, sampler=sampler)
+    unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, inputs["mean"], inputs["std"], inputs["caption_ids"],
+                                 inputs["contexts"], inputs["empty"], caption_dropout=recipe.caption_dropout,
+                                 sampler=sampler)
     unet = run(unet_stage, recipe.unet_train).eval()
     # the decoder alone, on whole images: sharper colours and edges, same latent space
     vae = run(VAEStage(recipe.vae, images, decoder_of=vae), recipe.decoder_train).vae.eval()
@@ -204,6 +216,20 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     (out / "training.json").write_text(json.dumps({"recipe": _jsonable(asdict(recipe)), "summary": summary},
                                                   indent=2) + "\n")
     return out
+
+
+def _save(value: dict, path: Path) -> dict:
+    """Write `value` with torch.save atomically (temp file, then rename); returns it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint_atomic(value, path)
+    return value
+
+
+def _cached(path: Path, compute) -> dict:
+    """`compute()`, stored at `path` the first time and read back (weights only) afterwards."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return _save(compute(), path)
 
 
 def _tail_mean(history: list[float], n: int = 50) -> float | None:
