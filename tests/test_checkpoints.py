@@ -381,3 +381,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert proc.returncode == 2
     assert proc.stderr.startswith("ldmkit: error:") and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_saved_weights_get_the_usual_permissions(tmp_path):
+    from ldmkit.checkpoints.io import default_file_mode, save_safetensors
+
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == default_file_mode()

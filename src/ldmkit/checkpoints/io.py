@@ -398,6 +398,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 # -- writing ----------------------------------------------------------------------------------
 
 
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A hidden temp file in `path`'s folder (so the final rename is atomic), with the permissions
+    a plain open() would give: mkstemp makes owner-only files, which the rename would keep."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())
+    return fd, tmp
+
+
+def default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -411,10 +425,11 @@ def save_safetensors(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tensors = _unshare(tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, default_file_mode())  # save_file writes a file of its own in tmp's place
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -440,7 +455,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a small text file (a JSON config) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

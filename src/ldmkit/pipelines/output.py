@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from ..checkpoints.io import temp_file_beside
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk the generation parameters go in (as the web UIs)
 
@@ -23,9 +24,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | Non
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
             f.flush()
@@ -35,12 +35,6 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_parameters(path: str | os.PathLike) -> dict:
