@@ -106,6 +106,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]
     return read_safetensors(path), json.loads(metadata[CONFIG_KEY]), json.loads(metadata.get(INFO_KEY, "{}"))
 
 
+def read_model(path: str | Path, model_cls: type, config_cls: type) -> torch.nn.Module:
+    """A classifier written by `save_weights`: its config dataclass rebuilt, weights loaded, eval mode."""
+    state, config, _ = read_weights(path)
+    config["channels"] = tuple(config["channels"])
+    model = model_cls(config_cls(**config))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def cache_path(name: str) -> Path:
     """Where a retrained asset goes: the package's assets folder if writable, else the user cache."""
     if os.access(ASSETS, os.W_OK):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data.digits import DigitsDataset
 from ..errors import InvalidArgument
-from .common import augment, cache_path, find_asset, read_weights, save_weights, seeded
+from .common import augment, cache_path, find_asset, read_model, save_weights, seeded
 from .fid import fid_from_features
 
 ASSET_NAME = "digits_classifier.safetensors"
@@ -163,11 +163,7 @@ def evaluate_digits_sampler(
 
 
 def read_digits_classifier(path: str | Path) -> DigitsClassifier:
-    state, config, _ = read_weights(path)
-    config["channels"] = tuple(config["channels"])
-    model = DigitsClassifier(DigitsClassifierConfig(**config))
-    model.load_state_dict(state)
-    return model.eval()
+    return read_model(path, DigitsClassifier, DigitsClassifierConfig)
 
 
 _LOADED: dict[str, DigitsClassifier] = {}

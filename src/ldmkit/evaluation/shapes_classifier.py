@@ -42,7 +42,7 @@ from PIL import Image
 from ..data.imagefolder import pil_to_tensor
 from ..data.shapes import BACKGROUND, COLORS, SHAPES, SIZES, Scene, render, sample_scene
 from ..errors import InvalidArgument
-from .common import augment, cache_path, find_asset, read_weights, save_weights, seeded
+from .common import augment, cache_path, find_asset, read_model, save_weights, seeded
 from .scenes import training_scene
 
 ASSET_NAME = "shapes_classifier.safetensors"
@@ -318,11 +318,7 @@ def save_shapes_classifier(model: ShapesClassifier, path: str | Path, info: dict
 
 def read_shapes_classifier(path: str | Path) -> ShapesClassifier:
     """A classifier from a safetensors file written by `save_shapes_classifier`."""
-    state, config, _ = read_weights(path)
-    config["channels"] = tuple(config["channels"])
-    model = ShapesClassifier(ShapesClassifierConfig(**config))
-    model.load_state_dict(state)
-    return model.eval()
+    return read_model(path, ShapesClassifier, ShapesClassifierConfig)
 
 
 _LOADED: dict[str, ShapesClassifier] = {}
