@@ -68,7 +68,7 @@ class ShapesModelRecipe:
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
-    unet_train: TrainConfig = TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=200,
+    unet_train: TrainConfig = TrainConfig(steps=6000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=500)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
