@@ -15,6 +15,7 @@ run would have drawn. The data order is a seeded permutation per epoch; the data
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -424,8 +425,6 @@ class Trainer:
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
