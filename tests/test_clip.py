@@ -168,6 +168,31 @@ def test_clip_model_logits_and_loss_match_transformers(clip_pair):
     assert abs(contrastive_loss(ref.logits_per_text).item() - ref.loss.item()) < 1e-6
 
 
+def test_transformers_clip_folder_loads_and_saves(clip_pair, tmp_path):
+    """(c) of the checkpoint formats: a transformers CLIPModel folder in, and back out."""
+    from ldmkit.checkpoints.loading import load_clip, save_clip
+
+    hf, ours = clip_pair
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_clip(tmp_path / "hf")
+    ids, pixels = random_ids(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_text = hf.get_text_features(input_ids=ids).pooler_output
+        ref_image = hf.get_image_features(pixel_values=pixels).pooler_output
+        assert max_err(loaded.encode_text(ids), ref_text) < TOL
+        assert max_err(loaded.encode_image(pixels), ref_image) < TOL
+        save_clip(loaded, tmp_path / "ours")
+        back = transformers.CLIPModel.from_pretrained(tmp_path / "ours").eval()
+        assert max_err(back.get_text_features(input_ids=ids).pooler_output, ref_text) < TOL
+        assert max_err(back.get_image_features(pixel_values=pixels).pooler_output, ref_image) < TOL
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    with pytest.raises(CheckpointError, match="not a CLIPModel config"):
+        load_clip(tmp_path / "text_only")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_clip(tmp_path / "missing")
+
+
 def test_config_translation_round_trips():
     text = (transformers.CLIPTextConfig, text_config_to_transformers, text_config_from_transformers)
     vision = (transformers.CLIPVisionConfig, vision_config_to_transformers, vision_config_from_transformers)

@@ -8,6 +8,8 @@ Formats read:
   `diffusion_pytorch_model.safetensors` or `.bin`), `text_encoder/` (transformers `config.json`
   + `model.safetensors` or `pytorch_model.bin`), `tokenizer/` (`vocab.json` + `merges.txt`),
   `scheduler/scheduler_config.json`.
+- CLIP alone (`load_clip`, `save_clip`): a transformers CLIPModel folder, `config.json` +
+  `model.safetensors` or `pytorch_model.bin`, whose keys are ldmkit's own.
 - single file (`.safetensors`, `.ckpt`, `.pt`, `.pth`, `.bin`): the U-Net under
   `model.diffusion_model.`, the VAE under `first_stage_model.`, the text encoder under
   `cond_stage_model.transformer.` (SD 1.x, OpenAI CLIP ViT-L) or `cond_stage_model.model.`
@@ -47,7 +49,15 @@ from torch import nn
 
 from ..diffusion.schedule import PREDICTION_TYPES, ScheduleConfig
 from ..errors import CheckpointError, InvalidArgument, LdmkitError, check_choice
-from ..models.clip import CLIPTextConfig, CLIPTextModel, text_config_from_transformers, text_config_to_transformers
+from ..models.clip import (
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    clip_config_from_transformers,
+    clip_config_to_transformers,
+    text_config_from_transformers,
+    text_config_to_transformers,
+)
 from ..models.tokenizer import TOKENIZER_JSON, CLIPTokenizer, load_tokenizer
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -325,6 +335,36 @@ def _check_vocab(tokenizer: CLIPTokenizer, text_cfg: CLIPTextConfig, source) -> 
         )
 
 
+# -- CLIP alone (transformers' CLIPModel folder) -------------------------------------------------
+
+
+def load_clip(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CLIPModel:
+    """A transformers CLIPModel folder (`config.json` + weights) as ldmkit's CLIPModel, for
+    zero-shot classification, retrieval or CLIP guidance."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (a CLIP model is a config.json and its weights)")
+    config_path = folder / "config.json"
+    raw = _read_json(config_path)
+    if raw.get("model_type", "clip") != "clip" or "vision_config" not in raw:
+        raise CheckpointError(f"{config_path}: not a CLIPModel config (needs text_config and vision_config)")
+    try:
+        config = clip_config_from_transformers(raw)
+    except LdmkitError as e:
+        raise _config_error(config_path, e) from None
+    path, state = _component_weights(folder, _TEXT_WEIGHTS)
+    state = keys_clip.drop_position_ids(state)
+    return build_model(CLIPModel, config, state, source=str(path), what="CLIP", dtype=dtype, device=device)
+
+
+def save_clip(model: CLIPModel, folder: str | Path) -> None:
+    """Write `model` as a transformers CLIPModel folder (each file atomically)."""
+    folder = Path(folder)
+    config = clip_config_to_transformers(model.config)
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_safetensors(model.state_dict(), folder / "model.safetensors")
+
+
 # -- single files: detection ------------------------------------------------------------------------
 
 
@@ -560,6 +600,6 @@ def save_single_file(components: Components, path: str | Path) -> None:
 
 
 __all__ = [
-    "ARCHITECTURES", "Components", "build_model", "load_pipeline_components", "save_diffusers",
-    "save_single_file", "single_file_state_dict", "unet_config_from_ldm", "vae_config_from_ldm",
+    "ARCHITECTURES", "Components", "build_model", "load_clip", "load_pipeline_components", "save_clip",
+    "save_diffusers", "save_single_file", "single_file_state_dict", "unet_config_from_ldm", "vae_config_from_ldm",
 ]
