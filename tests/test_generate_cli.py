@@ -87,7 +87,9 @@ def test_txt2img_writes_png_with_parameters(model, tmp_path, capsys):
     assert p["seed"] == 5 and p["prompt"] == "a red square" and p["negative_prompt"] == "blurry"
     assert p["model_hash"] == model_hash(model) and len(p["model_hash"]) == 10
     assert (p["sampler"], p["steps"], p["cfg_scale"], p["width"], p["height"]) == ("euler_a", 2, 7.5, SIZE, SIZE)
-    assert p["precision"] == "fp32" and p["device"] == "cpu" and p["strength"] is None
+    # --precision auto: bf16 on CPUs with native bf16 (AMX, AVX512-BF16), else fp32
+    auto = "bf16" if load_module.cpu_has_native_bf16() else "fp32"
+    assert p["precision"] == auto and p["device"] == "cpu" and p["strength"] is None
 
 
 def test_random_seed_is_printed_and_recorded(model, tmp_path, capsys):
