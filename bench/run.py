@@ -13,7 +13,9 @@ Workloads (each timed for every variant, in one process, variants alternating):
 
 Variants: diffusers fp32, diffusers under bf16 autocast, ldmkit fp32, ldmkit fp32 with
 channels_last weights and inputs (U-Net and VAE: the layout's effect alone), ldmkit with bf16
-weights and channels_last, and with --compile the latter under torch.compile. The diffusers /
+weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
+(`ldmkit.models.onednn`, what `load_pipeline` runs on a CPU in bf16; the bf16 pipelines use it),
+and with --compile bf16 channels_last under torch.compile. The diffusers /
 transformers models share ldmkit fp32's weight tensors, so the weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
@@ -67,6 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldmkit.checkpoints.keys_unet_vae import unet_config_to_diffusers, vae_config_to_diffusers
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from ldmkit.models import onednn
 from ldmkit.models.clip import CLIPTextConfig, CLIPTextModel, text_config_to_transformers
 from ldmkit.models.layers import Attention, SpatialSelfAttention, SpatialTransformer
 from ldmkit.models.tokenizer import CLIPTokenizer
@@ -87,6 +90,7 @@ SD15_SCHEDULER = dict(
 )
 D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit bf16 CL", "ldmkit bf16 CL compile"
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
+LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on the CPU
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
@@ -310,6 +314,7 @@ class Models:
     vae: AutoencoderKL
     text: CLIPTextModel
     unet16: UNet  # bf16, channels_last
+    unet_packed: UNet  # bf16, convolutions / linear layers / GEGLUs prepacked (models.onednn)
     vae16: AutoencoderKL  # bf16, channels_last
     unet_cl: UNet  # float32, channels_last
     vae_cl: AutoencoderKL  # float32, channels_last
@@ -336,6 +341,7 @@ def build_models(sizes: Sizes, compile_backend: str | None) -> Models:
     models = Models(
         unet, vae, text,
         converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=True),
+        onednn.prepack(converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=False)),
         converted_copy(vae, lambda: AutoencoderKL(vcfg), BF16, channels_last=True),
         converted_copy(unet, lambda: UNet(ucfg), torch.float32, channels_last=True),
         converted_copy(vae, lambda: AutoencoderKL(vcfg), torch.float32, channels_last=True),
@@ -385,7 +391,7 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
             return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     variants = {D32: d32, DAC: dac, L32: lambda: m.unet(x, t, ctx), LCL: lambda: m.unet_cl(x_cl, t, ctx),
-                L16: lambda: m.unet16(x16, t, ctx16)}
+                L16: lambda: m.unet16(x16, t, ctx16), LPK: lambda: m.unet_packed(x16, t, ctx16)}
     if compile_:
         variants[LCO] = lambda: m.unet_compiled(x16, t, ctx16)
     what = f"batch {sizes.batch}, {cfg.in_channels}x{side}x{side} latents, 77x{cfg.context_dim} context"
@@ -430,7 +436,8 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         p.vae_tile_size = None  # decode whole, as diffusers does (tiling starts above 512 for SD anyway)
         return p
 
-    ours32, ours16 = ours_pipe(m.unet, m.vae, m.text), ours_pipe(m.unet16, m.vae16, m.text16)
+    # bf16: what load_pipeline builds on the CPU (packed U-Net, channels_last VAE)
+    ours32, ours16 = ours_pipe(m.unet, m.vae, m.text), ours_pipe(m.unet_packed, m.vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=m.d_vae, text_encoder=m.d_text, tokenizer=hf_tokenizer, unet=m.d_unet, scheduler=scheduler,
@@ -451,7 +458,7 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         return lambda: p.txt2img(PROMPT, "", sampler="dpmpp_2m", steps=steps, cfg_scale=7.5, height=h, width=h,
                                  seed=0, output="tensor")
 
-    variants = {D32: theirs, DAC: theirs_ac, L32: ours(ours32), L16: ours(ours16)}
+    variants = {D32: theirs, DAC: theirs_ac, L32: ours(ours32), LPK: ours(ours16)}
     if compile_:
         variants[LCO] = ours(ours_pipe(m.unet_compiled, m.vae16, m.text16))
     flops = flops_per["text encode"] + steps * flops_per["U-Net step"] + flops_per["VAE decode"]
@@ -465,9 +472,7 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
     from ldmkit.training.shapes_model import SAMPLE_PROMPTS
 
     p32 = load_pipeline(folder, precision="fp32", device="cpu")
-    p16 = load_pipeline(folder, precision="bf16", device="cpu")
-    p16.unet.to(memory_format=CL)
-    p16.vae.to(memory_format=CL)
+    p16 = load_pipeline(folder, precision="bf16", device="cpu")  # packed U-Net, channels_last VAE
     per_prompt = max(1, sizes.shapes_images // len(SAMPLE_PROMPTS))
     prompts = list(SAMPLE_PROMPTS[: sizes.shapes_images // per_prompt])
     n = len(prompts) * per_prompt
@@ -477,7 +482,7 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
         return lambda: p.txt2img(prompts, "", sampler="dpmpp_2m", steps=steps, cfg_scale=7.5, height=side,
                                  width=side, num_images=per_prompt, seed=0, output="tensor")
 
-    variants = {L32: run(p32), L16: run(p16)}
+    variants = {L32: run(p32), LPK: run(p16)}
     if compile_backend:
         p16c = StableDiffusion(torch.compile(p16.unet, backend=compile_backend), p16.vae, p16.text_encoder,
                                p16.tokenizer, p16.schedule)
@@ -487,7 +492,8 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
         import diffusers
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            str(folder), torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         d_prompts = [q for q in prompts for _ in range(per_prompt)]
@@ -512,10 +518,10 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
 def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: int) -> float:
     """Steps x U-Net + decode + text, summed over the variants the pipeline times, times runs."""
     total = 0.0
-    for name in (D32, DAC, L32, L16, LCO):
+    for name in (D32, DAC, L32, LPK, LCO):
         parts = [workloads[w].timings.get(name) for w in ("U-Net step", "VAE decode", "text encode")]
-        if name == L16:  # the text encoder's bf16 variant is named without CL
-            parts[2] = workloads["text encode"].timings.get("ldmkit bf16")
+        if name in (LPK, LCO):  # the pipeline's bf16 runs use the channels_last VAE and the bf16 text encoder
+            parts[1:] = workloads["VAE decode"].timings.get(L16), workloads["text encode"].timings.get("ldmkit bf16")
         if all(p is not None and p.times for p in parts):
             total += steps * parts[0].median + parts[1].median + parts[2].median
     return total * runs
@@ -558,7 +564,8 @@ def quality_checks(workloads: dict[str, Workload]) -> list[Check]:
     checks = []
     unet, vae, text = (workloads.get(k) for k in ("U-Net step", "VAE decode", "text encode"))
     if unet is not None:
-        for a, b, target in ((L16, L32, UNET_REL_ERR_TARGET), (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
+        for a, b, target in ((L16, L32, UNET_REL_ERR_TARGET), (LPK, L32, UNET_REL_ERR_TARGET),
+                             (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
                              (L32, D32, None), (LCL, L32, None)):
             if unet.has(a, b):
                 checks.append(Check(f"U-Net {a} vs {b}: relative L2 error", rel_err(unet.out(a), unet.out(b)), "",

@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit fp32 CL", "ldmkit bf16 CL")
+VARIANTS = ("diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit fp32 CL", "ldmkit bf16 CL",
+            "ldmkit bf16 packed")
 
 
 @pytest.mark.slow
@@ -31,7 +32,7 @@ def test_bench_smoke_writes_the_report(tmp_path):
     assert report in proc.stdout  # the same report is printed
 
     rows = [line for line in report.splitlines() if line.startswith("| ")]
-    for workload, variants in (("U-Net step", 5), ("VAE decode", 5), ("text encode", 4)):
+    for workload, variants in (("U-Net step", 6), ("VAE decode", 5), ("text encode", 4)):
         timed = [r for r in rows if r.startswith(f"| {workload} ")]
         assert len(timed) == variants, f"{workload}: {timed}"
         assert not any("failed:" in r for r in timed), timed
@@ -42,6 +43,7 @@ def test_bench_smoke_writes_the_report(tmp_path):
     # the quality checks with targets pass even on tiny random models
     checks = {r.split("|")[1].strip(): r for r in rows if "vs" in r and ("pass" in r or "FAIL" in r)}
     assert any(k.startswith("U-Net ldmkit bf16 CL vs ldmkit fp32") for k in checks), checks
+    assert any(k.startswith("U-Net ldmkit bf16 packed vs ldmkit fp32") for k in checks), checks
     assert any(k.startswith("VAE ldmkit bf16 CL vs ldmkit fp32") for k in checks), checks
     assert not any("FAIL" in r for r in checks.values()), checks
 

@@ -238,6 +238,12 @@ class UNet(nn.Module):
         else:
             self._build_unet(config)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network computes in: its parameters' (norms keep theirs when
+        `models.onednn.prepack` has replaced the convolutions and linear layers)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
     # --- the ResNet/attention U-Net (DDPM, LDM) ---------------------------------------------
 
     def _make_attention(self, level: int, mid: bool = False) -> Callable[[int], nn.Module] | None:
@@ -297,7 +303,7 @@ class UNet(nn.Module):
             raise InvalidArgument(f"t must be a scalar or shaped ({b},), got {tuple(t.shape)}")
         c = self.config
         feats = timestep_embedding(t, c.block_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = self.time_embedding(feats.to(self.conv_in.weight.dtype))  # (B, temb_dim)
+        temb = self.time_embedding(feats.to(self.dtype))  # (B, temb_dim)
         if c.num_class_embeds is None:
             if class_labels is not None:
                 raise InvalidArgument("class_labels given, but this U-Net has no class embedding")

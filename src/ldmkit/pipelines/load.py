@@ -6,6 +6,10 @@ with native bf16 arithmetic (AVX512-BF16 or AMX), float32 elsewhere. With an fp1
 stays float32 ("VAE upcast", as diffusers does for SD 1.x), because the SD VAE decoder's
 activations overflow fp16's range; bf16 has float32's range, so a bf16 VAE is kept (and a
 non-finite decode is still retried in float32 by the pipeline).
+
+On the CPU in bf16 the U-Net's convolutions, linear layers and GEGLUs are prepacked for oneDNN
+(`ldmkit.models.onednn`: weights reordered once instead of every step, GEGLU as two GEMMs with
+fused post-ops) and the VAE runs channels_last; measured in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import InvalidArgument, LdmkitError, check_choice
+from ..models import onednn
 from .stable_diffusion import StableDiffusion
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes_model"  # diffusers layout
@@ -107,11 +112,13 @@ def load_pipeline(
     prediction_type: str | None = None,
     arch: str | None = None,
     inpainting: bool | None = None,
+    prepack: bool = True,
 ) -> StableDiffusion:
     """A StableDiffusion from a diffusers folder or single file (None: the bundled model).
 
     precision: "auto", "fp32", "bf16" or "fp16" (CUDA only); device: "auto", "cpu" or "cuda".
     `prediction_type`, `arch` and `inpainting` are passed to load_pipeline_components.
+    `prepack=False` keeps plain PyTorch layers where the CPU bf16 path would prepack them.
     """
     target = resolve_device(device)
     dtype = resolve_precision(precision, target)
@@ -119,5 +126,9 @@ def load_pipeline(
     comps = load_pipeline_components(path, prediction_type=prediction_type, arch=arch,
                                      inpainting=inpainting, dtype=dtype, device=target)
     comps.vae.to(vae_dtype_for(dtype))
+    if target.type == "cpu" and dtype == torch.bfloat16:
+        comps.vae.to(memory_format=torch.channels_last)
+        if prepack and onednn.available():
+            onednn.prepack(comps.unet)
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
                            NoiseSchedule(comps.schedule_config))
