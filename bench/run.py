@@ -515,6 +515,49 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
     return wl, notes
 
 
+CHILD = """\
+import sys, time
+from ldmkit.cli import main
+t0 = time.perf_counter()
+rc = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+peak = next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM:"))
+print(f"BENCH {time.perf_counter() - t0:.3f} {peak}")
+sys.exit(rc)
+"""
+
+
+def cli_run(m: Models, sizes: Sizes, steps: int, runs: int) -> tuple[list[list[str]], list[str]]:
+    """`ldmkit generate` as a user runs it, in a fresh process, on the random-weight models saved as
+    a diffusers folder in bf16: seconds from start to PNG (loading included) and that process's
+    peak RSS. Returns table rows and notes."""
+    import subprocess
+
+    from ldmkit.checkpoints.loading import Components, save_diffusers
+
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "sd15"
+        comps = Components(m.unet16, m.vae16, m.text16, CLIPTokenizer.from_openai_bpe(),
+                           ScheduleConfig.from_dict(SD15_SCHEDULER))
+        save_diffusers(comps, folder)
+        h = sizes.image
+        argv = ["generate", PROMPT, "--model", str(folder), "--steps", str(steps), "--width", str(h),
+                "--height", str(h), "--seed", "0", "--precision", "bf16", "--device", "cpu",
+                "--out", str(Path(tmp) / "out.png")]
+        for r in range(runs):
+            proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+            if proc.returncode != 0 or line is None:
+                notes.append(f"ldmkit generate failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")
+                break
+            seconds, peak = line.split()[1:]
+            log(f"  ldmkit generate: run {r + 1}/{runs} {float(seconds):.1f} s, peak RSS {int(peak) / 2**30:.2f} GiB")
+            rows.append([f"run {r + 1}", f"{float(seconds):.1f}", f"{int(peak) / 2**30:.2f}"])
+    return rows, notes
+
+
 def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: int) -> float:
     """Steps x U-Net + decode + text, summed over the variants the pipeline times, times runs."""
     total = 0.0
@@ -811,6 +854,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="sampler steps of the txt2img workload (default 20)")
     p.add_argument("--skip-pipeline", action="store_true", help="leave out the whole txt2img (long)")
     p.add_argument("--skip-shapes", action="store_true", help="leave out the bundled shapes model")
+    p.add_argument("--skip-cli", action="store_true", help="leave out `ldmkit generate` in a fresh process")
     p.add_argument("--shapes-model", type=Path, default=BUNDLED_MODEL,
                    help="the shapes model folder (default: the bundled one, skipped when absent)")
     p.add_argument("--skip-compat", action="store_true", help="leave out the tiny bf16/channels_last checks")
@@ -833,7 +877,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def render(head: list[str], done: list[Workload], peaks: dict, checks: list[Check], compat, notes: list[str],
-           seconds: float, partial: bool) -> str:
+           seconds: float, partial: bool, cli_rows: list[list[str]]) -> str:
     """The markdown report."""
     sections = [*head, "## Timings", "", "\n".join(f"- {w.name}: {w.what}; {w.flops / 1e9:.1f} GFLOP" for w in done), "",
                 fmt_table(TIMING_HEADER, timing_rows(done, peaks)), "",
@@ -848,6 +892,13 @@ def render(head: list[str], done: list[Workload], peaks: dict, checks: list[Chec
                 "`sys %`: the system share of them (mostly page faults on freshly allocated memory).",
                 "- CL: channels_last weights and inputs. compile: the first call (compilation) is left out of "
                 "the median; its time is in the log.", ""]
+    if cli_rows:
+        sections += ["## `ldmkit generate` in a fresh process", "",
+                     "The same random weights saved as a diffusers folder (bf16), one 20-step image per run "
+                     "as in txt2img above, `--precision bf16`: seconds inside `ldmkit.cli.main`, from the call to the PNG "
+                     "(loading, prepacking, text, sampling, decode, save; not Python's start-up), and "
+                     "the process's peak RSS.", "",
+                     fmt_table(["run", "seconds", "peak RSS GiB"], cli_rows), ""]
     sections += ["## Quality", "", fmt_table(["check", "value", "target", ""], [c.row() for c in checks]), ""]
     if compat is not None:
         rows, trace = compat
@@ -897,10 +948,11 @@ def main(argv=None) -> int:
 
     checks = quality_checks(workloads)
     notes: list[str] = []
+    cli_rows: list[list[str]] = []
     done = list(workloads.values())
 
     def save(partial: bool) -> str:
-        report = render(head, done, peaks, checks, compat, notes, time.perf_counter() - started, partial)
+        report = render(head, done, peaks, checks, compat, notes, time.perf_counter() - started, partial, cli_rows)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
         return report
@@ -926,6 +978,12 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - keep what was measured
             notes.append(f"txt2img workload failed: {type(e).__name__}: {str(e)[:200]}")
             log(notes[-1])
+        save(partial=True)
+
+    if not args.skip_cli:
+        log("ldmkit generate in a fresh process (bf16, loading included) ...")
+        cli_rows, cli_notes = cli_run(m, sizes, sizes.pipeline_steps or args.steps, args.pipeline_runs)
+        notes += cli_notes
         save(partial=True)
 
     if not args.skip_shapes:

@@ -39,6 +39,7 @@ def test_bench_smoke_writes_the_report(tmp_path):
     for variant in VARIANTS:
         assert any(f"| {variant} " in r for r in rows), variant
     assert "txt2img" not in report  # --skip-pipeline
+    assert "## `ldmkit generate` in a fresh process" in report and "| run 1 " in report
 
     # the quality checks with targets pass even on tiny random models
     checks = {r.split("|")[1].strip(): r for r in rows if "vs" in r and ("pass" in r or "FAIL" in r)}
