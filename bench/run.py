@@ -894,8 +894,8 @@ def render(head: list[str], done: list[Workload], peaks: dict, checks: list[Chec
                 "the median; its time is in the log.", ""]
     if cli_rows:
         sections += ["## `ldmkit generate` in a fresh process", "",
-                     "The same random weights saved as a diffusers folder (bf16), one 20-step image per run "
-                     "as in txt2img above, `--precision bf16`: seconds inside `ldmkit.cli.main`, from the call to the PNG "
+                     "The same random weights saved as a diffusers folder (bf16), one image per run (the "
+                     "pipeline workload's size and steps), `--precision bf16`: seconds inside `ldmkit.cli.main`, from the call to the PNG "
                      "(loading, prepacking, text, sampling, decode, save; not Python's start-up), and "
                      "the process's peak RSS.", "",
                      fmt_table(["run", "seconds", "peak RSS GiB"], cli_rows), ""]
