@@ -10,6 +10,10 @@ Workloads (each timed for every variant, in one process, variants alternating):
     pipeline  a whole 20-step 512x512 txt2img with DPM-Solver++(2M) and CFG 7.5 (--skip-pipeline)
     shapes    the bundled shapes model (src/ldmkit/assets/shapes_model, when present): 16 images
               64x64, 25 steps dpmpp_2m with CFG; the target is < 5 s
+    generate  `ldmkit generate` in a fresh process on the SD 1.5-shaped weights saved as a diffusers
+              folder: seconds and peak RSS as a user sees them (--skip-cli)
+    training  one optimizer step of the bundled U-Net's shape, batch 32: ldmkit against diffusers'
+              UNet2DConditionModel, fp32 and bf16 autocast, in images/s (--skip-training)
 
 Variants: diffusers fp32, diffusers under bf16 autocast, ldmkit fp32, ldmkit fp32 with
 channels_last weights and inputs (U-Net and VAE: the layout's effect alone), ldmkit with bf16
@@ -112,6 +116,7 @@ class Sizes:
     shapes_images: int = 16  # images of the shapes workload
     shapes_steps: int = 25  # sampler steps of the shapes workload
     pipeline_steps: int | None = None  # txt2img steps; None: --steps
+    train_batch: int = 32  # batch of the training-step workload (the bundled model's recipe)
 
 
 def sizes_for(smoke: bool) -> Sizes:
@@ -119,7 +124,8 @@ def sizes_for(smoke: bool) -> Sizes:
         return Sizes("sd15", "sd", CLIPTextConfig.preset("sd15_text"), image=512)
     # the tiny text tower with CLIP's real vocabulary, so the BPE tokenizer's ids fit
     text = replace(CLIPTextConfig.preset("tiny"), vocab_size=49408, eos_token_id=49407, pad_token_id=49407)
-    return Sizes("tiny", "tiny", text, image=32, matmul_n=256, shapes_images=2, shapes_steps=2, pipeline_steps=2)
+    return Sizes("tiny", "tiny", text, image=32, matmul_n=256, shapes_images=2, shapes_steps=2, pipeline_steps=2,
+                 train_batch=4)
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -558,6 +564,66 @@ def cli_run(m: Models, sizes: Sizes, steps: int, runs: int) -> tuple[list[list[s
     return rows, notes
 
 
+LAC = "ldmkit bf16 autocast CL"  # training: bf16 autocast with channels_last weights and inputs
+
+
+def training_workload(sizes: Sizes, folder: Path) -> Workload:
+    """One optimizer step of the bundled model's U-Net shape (its unet/config.json, random
+    weights): forward on noised latents with its 16 x 128 text context, MSE on epsilon, backward,
+    AdamW; ldmkit against diffusers' UNet2DConditionModel of the same config, each with its own
+    weights and optimizer."""
+    import json
+
+    import diffusers
+
+    from ldmkit.checkpoints.keys_unet_vae import unet_config_from_diffusers
+
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    ucfg = unet_config_from_diffusers(config)
+    batch, side = sizes.train_batch, config["sample_size"]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, ucfg.in_channels, side, side, generator=g)  # (B, 4, h, w)
+    eps = torch.randn(x.shape, generator=g)
+    ctx = torch.randn(batch, 16, ucfg.context_dim, generator=g)  # (B, T, D)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    dcfg = {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def step_fn(model: nn.Module, call, autocast: bool, channels_last: bool):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        inputs = x.contiguous(memory_format=CL) if channels_last else x
+
+        def step():
+            with torch.enable_grad():
+                with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+                    pred = call(model, inputs)
+                loss = torch.nn.functional.mse_loss(pred.float(), eps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            return loss.detach()
+        return step
+
+    torch.manual_seed(0)
+    ours = lambda: UNet(ucfg).train()  # noqa: E731
+    theirs = lambda: diffusers.UNet2DConditionModel(**dcfg).train()  # noqa: E731
+    call_ours = lambda m, inp: m(inp, t, ctx)  # noqa: E731
+    call_theirs = lambda m, inp: m(inp, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
+    variants = {
+        D32: step_fn(theirs(), call_theirs, False, False),
+        DAC: step_fn(theirs(), call_theirs, True, False),
+        L32: step_fn(ours(), call_ours, False, False),
+        LAC: step_fn(ours().to(memory_format=CL), call_ours, True, True),
+    }
+    flop_model = ours()
+
+    def fwd_bwd():
+        with torch.enable_grad():
+            call_ours(flop_model, x).square().mean().backward()
+
+    what = f"batch {batch}, {ucfg.in_channels}x{side}x{side} latents, forward + backward + AdamW"
+    return Workload("U-Net training step", what, variants, count_flops(fwd_bwd))
+
+
 def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: int) -> float:
     """Steps x U-Net + decode + text, summed over the variants the pipeline times, times runs."""
     total = 0.0
@@ -855,6 +921,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-pipeline", action="store_true", help="leave out the whole txt2img (long)")
     p.add_argument("--skip-shapes", action="store_true", help="leave out the bundled shapes model")
     p.add_argument("--skip-cli", action="store_true", help="leave out `ldmkit generate` in a fresh process")
+    p.add_argument("--skip-training", action="store_true", help="leave out the bundled U-Net's training step")
     p.add_argument("--shapes-model", type=Path, default=BUNDLED_MODEL,
                    help="the shapes model folder (default: the bundled one, skipped when absent)")
     p.add_argument("--skip-compat", action="store_true", help="leave out the tiny bf16/channels_last checks")
@@ -1005,6 +1072,19 @@ def main(argv=None) -> int:
                 log(notes[-1])
         else:
             notes.append(f"No shapes model at {args.shapes_model}: its workload was skipped.")
+
+    if not args.skip_training and args.shapes_model.is_dir():
+        try:
+            tw = training_workload(sizes, args.shapes_model)
+            log(f"{tw.name}: {tw.what}; {tw.flops / 1e9:.2f} GFLOP")
+            tw.timings = time_variants(tw.variants, args.runs, args.warmup, tw.name)
+            batch = sizes.train_batch
+            notes += [f"U-Net training step, {name}: {batch / t.median:.0f} images/s" for name, t in tw.timings.items()
+                      if t.times]
+            done.append(tw)
+        except Exception as e:  # noqa: BLE001 - keep what was measured
+            notes.append(f"training workload failed: {type(e).__name__}: {str(e)[:200]}")
+            log(notes[-1])
 
     print(save(partial=False))
     log(f"wrote {args.out}")

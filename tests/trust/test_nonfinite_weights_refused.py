@@ -41,3 +41,16 @@ def test_check_finite_lists_a_few_and_counts_the_rest():
                                               r"w1 .*, w2 .* \(\+2 more\)$"):
         io.check_finite(state, "f", "m")
     io.check_finite({"ok": torch.ones(2), "ids": torch.tensor([1, 2])}, "f", "m")  # finite: silent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_bad_value_anywhere_in_any_float_dtype_is_found(dtype, bad):
+    """The check reduces each tensor (aminmax): a single NaN, +Inf or -Inf must still show."""
+    for position in (0, 4321, 9999):
+        weight = torch.randn(100, 100).to(dtype)
+        weight.view(-1)[position] = bad
+        state = {"ok": torch.randn(3).to(dtype), "empty": torch.empty(0, dtype=dtype), "w": weight}
+        with pytest.raises(CheckpointError, match=r"in 1 tensor\(s\): w \(1 of 10000 values\)"):
+            io.check_finite(state, "model.safetensors", "U-Net")
+    io.check_finite({"ok": torch.randn(50).to(dtype), "empty": torch.empty(0, dtype=dtype)}, "m", "U-Net")
