@@ -28,6 +28,26 @@ def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
+def test_continuing_a_models_unet_changes_only_the_unet(tmp_path):
+    """--continue-from trains the U-Net further on frozen VAE / text encoder / tokenizer."""
+    from ldmkit.pipelines.load import BUNDLED_MODEL
+
+    out = tmp_path / "model"
+    assert main(["train", "shapes-model", "--continue-from", str(BUNDLED_MODEL), "--quick",
+                 "--run-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    before, after = (load_pipeline(p, precision="fp32", device="cpu") for p in (BUNDLED_MODEL, out))
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(),  # noqa: E731
+                                                                     b.state_dict().values()))
+    assert changed(before.unet, after.unet)
+    assert not changed(before.vae, after.vae) and not changed(before.text_encoder, after.text_encoder)
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert after.tokenizer("a red circle").tolist() == before.tokenizer("a red circle").tolist()
+    continued = json.loads((out / "training.json").read_text())["summary"]["unet_continued"]
+    assert len(continued) == 1 and continued[0]["train"]["steps"] == 3
+    assert checkpoint_paths(tmp_path / "runs" / "unet" / "checkpoints")
+
+
 def test_digits_recipe_trains_and_resumes_from_the_cli(tmp_path):
     run_dir = tmp_path / "digits"
     assert main(["train", "digits", "--steps", "2", "--batch-size", "8", "--run-dir", str(run_dir)]) == 0

@@ -1,6 +1,7 @@
 """`ldmkit train`: the training recipes from the command line.
 
     ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick]
+    ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
 
@@ -23,6 +24,9 @@ def add_train(sub) -> None:
     p.add_argument("--out", type=Path, help="shapes-model: where to write the model folder (default RUN_DIR/model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
     p.add_argument("--quick", action="store_true", help="shapes-model: a seconds-long smoke run")
+    p.add_argument("--continue-from", type=Path, metavar="MODEL",
+                   help="shapes-model: train this model's U-Net further (VAE, text encoder, tokenizer kept)")
+    p.add_argument("--unet-steps", type=int, help="shapes-model --continue-from: U-Net steps (default 6000)")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -36,9 +40,17 @@ def run_train(args) -> int:
     init_distributed()
     run_dir = args.run_dir or Path("runs") / args.recipe
     if args.recipe == "shapes-model":
-        from .shapes_model import ShapesModelRecipe, train_shapes_model
+        from .shapes_model import UNET_CONTINUE_TRAIN, ShapesModelRecipe, continue_unet, train_shapes_model
 
         recipe = ShapesModelRecipe(seed=args.seed)
+        if args.continue_from is not None:
+            train = replace(UNET_CONTINUE_TRAIN, steps=args.unet_steps or UNET_CONTINUE_TRAIN.steps, seed=args.seed)
+            if args.quick:
+                recipe, train = recipe.quick(), replace(recipe.quick().unet_train, lr=train.lr)
+            out = continue_unet(args.continue_from, args.out or run_dir / "model", run_dir, train, recipe,
+                                resume=args.resume)
+            _say(f"wrote {out}")
+            return 0
         out = train_shapes_model(args.out or run_dir / "model", run_dir, recipe.quick() if args.quick else recipe,
                                  resume=args.resume)
         _say(f"wrote {out}")

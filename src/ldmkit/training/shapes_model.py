@@ -15,6 +15,8 @@
        `training.json` with the recipe and a log summary.
 
 `ldmkit train shapes-model --out DIR` runs it; `--quick` shrinks every stage for tests.
+`--continue-from MODEL --unet-steps N` trains an existing model's U-Net further on the same data
+(`continue_unet`), the way the bundled model's later U-Net steps were added.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.loading import Components, save_diffusers
+from ..checkpoints.loading import Components, load_pipeline_components, save_diffusers
 from ..data import make_grid
 from ..data.shapes import ShapesDataset, caption
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -215,6 +217,49 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     summary["total_minutes"] = round((time.time() - started) / 60, 2)
     (out / "training.json").write_text(json.dumps({"recipe": _jsonable(asdict(recipe)), "summary": summary},
                                                   indent=2) + "\n")
+    return out
+
+
+UNET_CONTINUE_TRAIN = TrainConfig(steps=6000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999,
+                                  checkpoint_every=250, sample_every=1000)
+
+
+def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
+                  train: TrainConfig = UNET_CONTINUE_TRAIN, recipe: ShapesModelRecipe = ShapesModelRecipe(),
+                  resume: bool = False, progress: bool = True) -> Path:
+    """Train the U-Net of the shapes model folder `model` further on the recipe's data, its VAE,
+    text encoder and tokenizer frozen: a warm restart (a fresh optimizer and learning-rate
+    schedule; the EMA starts from the model's weights). Writes the model folder `out`, whose
+    training.json adds this stage to `model`'s."""
+    model, out, run_dir = Path(model), Path(out), Path(run_dir)
+    started = time.time()
+    comps = load_pipeline_components(model)
+    scenes = _cached(run_dir / f"scenes-{recipe.scenes}-{recipe.image_size}-{recipe.seed}.pt",
+                     lambda: dict(zip(("images", "captions"), render_scenes(recipe.scenes, recipe.image_size,
+                                                                                  recipe.seed))))
+    scaling = comps.vae.config.scaling_factor
+
+    def encode_inputs() -> dict:
+        mean, std = encode_dataset(comps.vae, scenes["images"], scaling)
+        caption_ids, contexts, empty = encode_captions(comps.text_encoder, comps.tokenizer, scenes["captions"])
+        return {"mean": mean, "std": std, "caption_ids": caption_ids, "contexts": contexts, "empty": empty}
+
+    inputs_path = run_dir / "unet_inputs.pt"
+    inputs = _cached(inputs_path, encode_inputs) if resume else _save(encode_inputs(), inputs_path)
+    schedule = NoiseSchedule(comps.schedule_config)
+    unet = comps.unet.train().requires_grad_(True)
+    stage = LatentUNetStage(unet, schedule, inputs["mean"], inputs["std"], inputs["caption_ids"], inputs["contexts"],
+                            inputs["empty"], caption_dropout=recipe.caption_dropout)
+    trainer = Trainer(stage, train, run_dir / "unet", progress=progress)
+    if resume and (run_dir / "unet" / "checkpoints").is_dir():
+        trainer.resume()
+    unet = trainer.train().eval().requires_grad_(False)
+    save_diffusers(replace(comps, unet=unet), out)
+    log = json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else {}
+    log.setdefault("summary", {}).setdefault("unet_continued", []).append({
+        "from": str(model), "train": _jsonable(asdict(train)), "final_loss": _tail_mean(trainer.history),
+        "minutes": round((time.time() - started) / 60, 2)})
+    (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return out
 
 
