@@ -26,7 +26,7 @@ def add_train(sub) -> None:
     p.add_argument("--quick", action="store_true", help="shapes-model: a seconds-long smoke run")
     p.add_argument("--continue-from", type=Path, metavar="MODEL",
                    help="shapes-model: train this model's U-Net further (VAE, text encoder, tokenizer kept)")
-    p.add_argument("--unet-steps", type=int, help="shapes-model --continue-from: U-Net steps (default 6000)")
+    p.add_argument("--unet-steps", type=int, help="shapes-model --continue-from: U-Net steps (default 8000)")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")

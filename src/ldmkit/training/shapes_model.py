@@ -220,7 +220,7 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     return out
 
 
-UNET_CONTINUE_TRAIN = TrainConfig(steps=6000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999,
+UNET_CONTINUE_TRAIN = TrainConfig(steps=8000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999,
                                   checkpoint_every=250, sample_every=1000)
 
 
