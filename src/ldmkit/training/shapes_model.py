@@ -90,6 +90,13 @@ def render_scenes(count: int, size: int, seed: int) -> tuple[torch.Tensor, list[
     return images, [caption(data.scene(i)) for i in range(count)]
 
 
+def cached_scenes(run_dir: Path, recipe: ShapesModelRecipe) -> dict:
+    """The recipe's training scenes {"images", "captions"}, rendered once per run folder."""
+    return _cached(run_dir / f"scenes-{recipe.scenes}-{recipe.image_size}-{recipe.seed}.pt",
+                   lambda: dict(zip(("images", "captions"), render_scenes(recipe.scenes, recipe.image_size,
+                                                                                recipe.seed))))
+
+
 def shapes_tokenizer(captions: list[str]) -> CLIPTokenizer:
     """A word-level vocabulary of the captions (unseen words still spell out byte by byte)."""
     return train_bpe(sorted(set(captions)), num_merges=None, min_frequency=1, context_length=CONTEXT_LENGTH)
@@ -157,9 +164,7 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     its newest checkpoint when it has one."""
     out, run_dir = Path(out), Path(run_dir)
     started, summary = time.time(), {}
-    scenes = _cached(run_dir / f"scenes-{recipe.scenes}-{recipe.image_size}-{recipe.seed}.pt",
-                     lambda: dict(zip(("images", "captions"), render_scenes(recipe.scenes, recipe.image_size,
-                                                                                  recipe.seed))))
+    scenes = cached_scenes(run_dir, recipe)
     images, captions = scenes["images"], scenes["captions"]
     tokenizer = shapes_tokenizer(captions)
 
@@ -234,9 +239,7 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
     model, out, run_dir = Path(model), Path(out), Path(run_dir)
     started = time.time()
     comps = load_pipeline_components(model)
-    scenes = _cached(run_dir / f"scenes-{recipe.scenes}-{recipe.image_size}-{recipe.seed}.pt",
-                     lambda: dict(zip(("images", "captions"), render_scenes(recipe.scenes, recipe.image_size,
-                                                                                  recipe.seed))))
+    scenes = cached_scenes(run_dir, recipe)
     scaling = comps.vae.config.scaling_factor
 
     def encode_inputs() -> dict:
