@@ -258,6 +258,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.lr, betas=config.betas,
+            fused=self.device.type in ("cpu", "cuda"),  # one kernel for all tensors: ~6% of a small model's step
         )
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
@@ -406,8 +407,7 @@ class Trainer:
         if self.ema is None:
             return
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
-        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_ema.lerp_(p.detach(), 1 - decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1 - decay)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
