@@ -336,6 +336,27 @@ def parse_caption(text: str) -> CaptionAttributes:
     )
 
 
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
+            "above": "below", "below": "above"}
+
+
+def hard_negatives(text: str) -> list[str]:
+    """Captions that use a two-object caption's words but describe a different scene: the
+    relation reversed and, when the objects differ in both colour and shape, the colours bound
+    to the other shapes. (When they share one, rebinding only swaps the objects, which is the
+    reversed relation again.) Contrastive training against them (NegCLIP, Yuksekgonul et al.
+    2023) keeps a text encoder from reading captions as bags of words. One-object captions: []."""
+    attributes = parse_caption(text)
+    if attributes.relation is None:
+        return []
+    (_, c1, s1), (_, c2, s2) = attributes.objects
+    rel = attributes.relation
+    negatives = [_two_object_text(c1, s1, OPPOSITE[rel], c2, s2)]
+    if c1 != c2 and s1 != s2:
+        negatives.append(_two_object_text(c2, s1, rel, c1, s2))
+    return negatives
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------

@@ -555,9 +555,15 @@ class CLIPOutput:
 
 def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss (Radford et al. 2021, Fig. 3): the i-th text matches the
-    i-th image; the mean of the text->image and image->text cross-entropies."""
-    labels = torch.arange(len(logits_per_text), device=logits_per_text.device)
-    text_loss = F.cross_entropy(logits_per_text, labels)
+    i-th image; the mean of the text->image and image->text cross-entropies.
+
+    Texts beyond the images' count (rows B_image onwards) match no image: they are extra
+    negatives each image must rank below its own caption (NegCLIP's hard negatives)."""
+    num_images = logits_per_text.shape[1]
+    if len(logits_per_text) < num_images:
+        raise InvalidArgument(f"{len(logits_per_text)} texts for {num_images} images: every image needs its text")
+    labels = torch.arange(num_images, device=logits_per_text.device)
+    text_loss = F.cross_entropy(logits_per_text[:num_images], labels)
     image_loss = F.cross_entropy(logits_per_text.t(), labels)
     return (text_loss + image_loss) / 2
 

@@ -4,8 +4,9 @@
     1. render `scenes` training scenes once (uint8), learn a word-level BPE vocabulary from
        their captions;
     2. VAE (4x downscale, 4 latent channels: 64x64x3 -> 16x16x4), L1 + small KL;
-    3. CLIP (text and ViT image towers) with the contrastive loss; zero-shot accuracy on
-       held-out scenes is logged;
+    3. CLIP (text and ViT image towers) with the contrastive loss, two-object captions' hard
+       negatives (`data.shapes.hard_negatives`) among the texts; zero-shot accuracy and
+       hard-negative accuracy on held-out scenes are logged;
     4. the latent scaling factor measured as 1 / std of the latents;
     5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
        state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
@@ -30,7 +31,7 @@ import torch
 
 from ..checkpoints.loading import Components, load_pipeline_components, save_diffusers
 from ..data import make_grid
-from ..data.shapes import ShapesDataset, caption
+from ..data.shapes import ShapesDataset, caption, hard_negatives
 from ..diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ..models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 from ..models.tokenizer import CLIPTokenizer, train_bpe
@@ -65,13 +66,14 @@ class ShapesModelRecipe:
                                              ema_decay=None, checkpoint_every=100)  # full 64x64 images
     clip_width: int = 128  # both towers
     clip_layers: int = 3  # both towers
-    clip_train: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=50,
-                                          weight_decay=0.1, ema_decay=None, checkpoint_every=200)
+    clip_train: TrainConfig = TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50,
+                                          weight_decay=0.1, ema_decay=None, checkpoint_every=250)
+    clip_hard_negatives: bool = True  # NegCLIP: each two-object caption's reversed/rebound versions
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
-    unet_train: TrainConfig = TrainConfig(steps=6000, batch_size=32, lr=1e-3, warmup_steps=200,
-                                          ema_decay=0.999, checkpoint_every=250, sample_every=500)
+    unet_train: TrainConfig = TrainConfig(steps=16_000, batch_size=32, lr=1e-3, warmup_steps=200,
+                                          ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
 
@@ -136,6 +138,14 @@ def zero_shot_set(recipe: ShapesModelRecipe, count: int = 256):
     return torch.stack(images), labels, prompts
 
 
+def hard_negative_set(recipe: ShapesModelRecipe, count: int = 300) -> tuple[torch.Tensor, list[str]]:
+    """Held-out two-object scenes (uint8) and their captions, for CLIPStage.hard_negative_accuracy."""
+    data = ShapesDataset(size=recipe.image_size, length=count, seed=recipe.seed + 5, split="train",
+                         one_object_fraction=0.0)
+    return torch.stack([images_to_uint8(data[i]["image"]) for i in range(count)]), [caption(data.scene(i))
+                                                                                     for i in range(count)]
+
+
 @torch.no_grad()
 def encode_dataset(vae, images: torch.Tensor, scaling: float, batch_size: int = 256):
     """Posterior means and stds of every image, times the scaling factor."""
@@ -183,9 +193,12 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     vae = run(vae_stage, recipe.vae_train).vae.eval()
     torch.manual_seed(recipe.seed + 1)
     clip_stage = CLIPStage(CLIPModel(clip_config(recipe, tokenizer)), tokenizer, images, captions,
-                           zero_shot=zero_shot_set(recipe))
+                           zero_shot=zero_shot_set(recipe),
+                           hard_negatives=hard_negatives if recipe.clip_hard_negatives else None)
     clip = run(clip_stage, recipe.clip_train).eval()
     summary["clip"]["zero_shot_accuracy_18_classes"] = clip_stage.zero_shot_accuracy(clip)
+    summary["clip"]["hard_negative_accuracy"] = clip_stage.hard_negative_accuracy(clip, *hard_negative_set(recipe),
+                                                                                 hard_negatives)
     text_encoder = text_encoder_from_clip(clip)
 
     def encode_inputs() -> dict:

@@ -153,20 +153,26 @@ class CLIPStage:
     name = "clip"
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: Sequence[str],
-                 zero_shot: tuple[torch.Tensor, list[int], list[str]] | None = None) -> None:
+                 zero_shot: tuple[torch.Tensor, list[int], list[str]] | None = None,
+                 hard_negatives: Callable[[str], list[str]] | None = None) -> None:
         if len(images) != len(captions):
             raise InvalidArgument(f"{len(images)} images but {len(captions)} captions")
         self.model, self.tokenizer = model, tokenizer
         self.images, self.captions = images, list(captions)
         self.ids = tokenizer(self.captions, warn_truncation=False)  # (N, T), tokenised once
         self.zero_shot = zero_shot  # (images uint8, labels, class prompts) for a held-out check
+        # per row, the ids (K, T) of captions that reuse its words for another scene, tokenised once
+        self.negative_ids = None if hard_negatives is None else _negative_ids(tokenizer, self.captions, hard_negatives)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def batch(self, indices: list[int]) -> dict:
         pixels = clip_preprocess(uint8_to_images(self.images[indices]), self.model.config.vision.image_size)
-        return {"pixels": pixels, "ids": self.ids[indices]}
+        ids = self.ids[indices]
+        if self.negative_ids is not None:  # after the batch's own captions: texts no image matches
+            ids = torch.cat([ids, *(self.negative_ids[i] for i in indices)])
+        return {"pixels": pixels, "ids": ids}
 
     def loss(self, model, batch, rand):
         out = model(batch["ids"], batch["pixels"], return_loss=True)
@@ -181,8 +187,30 @@ class CLIPStage:
         probs = zero_shot_classify(model, self.tokenizer, uint8_to_images(images), prompts)
         return float((probs.argmax(-1) == torch.tensor(labels)).float().mean())
 
+    @torch.no_grad()
+    def hard_negative_accuracy(self, model: CLIPModel, images: torch.Tensor, captions: list[str],
+                               hard_negatives: Callable[[str], list[str]]) -> float:
+        """The fraction of `images` (uint8) whose own caption scores above each of its hard
+        negatives: chance for a bag-of-words reader, 1.0 for one that reads relations and bindings."""
+        pixels = clip_preprocess(uint8_to_images(images), model.config.vision.image_size)
+        image = model.encode_image(pixels, normalize=True)
+        right = []
+        for embedding, text in zip(image, captions):
+            texts = model.encode_text(self.tokenizer([text, *hard_negatives(text)]), normalize=True)
+            scores = texts @ embedding
+            right.append(bool((scores[0] > scores[1:]).all()))
+        return sum(right) / len(right)
+
     def sample(self, model, step):
         return None
+
+
+def _negative_ids(tokenizer: CLIPTokenizer, captions: list[str], hard_negatives) -> list[torch.Tensor]:
+    distinct = {c: hard_negatives(c) for c in set(captions)}
+    ids = {c: tokenizer(negs, warn_truncation=False) if negs else torch.zeros(0, tokenizer.context_length,
+                                                                              dtype=torch.long)
+           for c, negs in distinct.items()}
+    return [ids[c] for c in captions]
 
 
 # -- text-conditioned latent U-Net ----------------------------------------------------------------
