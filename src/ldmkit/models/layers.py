@@ -60,6 +60,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def plus_output(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """residual + layer(x): one kernel when the layer fuses the sum (`onednn.PackedConv2d` and
+    `PackedLinear` do), else the layer and then the sum."""
+    fused = getattr(layer, "forward_plus", None)
+    return residual + layer(x) if fused is None else fused(x, residual)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding added between (DDPM, Ho et al. 2020).
 
@@ -91,9 +98,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, H, W)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return plus_output(self.conv2, self.dropout(F.silu(self.norm2(h))), skip)
 
 
 class Attention(nn.Module):
@@ -121,8 +127,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
-    def attend(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x: (B, N, query_dim), context: (B, M, context_dim) or None -> (B, N, query_dim)."""
+    def attend(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """x: (B, N, query_dim), context: (B, M, context_dim) or None -> (B, N, query_dim),
+        plus `residual` (B, N, query_dim) when given."""
         context = x if context is None else context
         b, n, _ = x.shape
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, nh, N, hd)
@@ -130,12 +137,20 @@ class Attention(nn.Module):
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, nh*hd)
-        for layer in self.to_out:
-            out = layer(out)
-        return out  # (B, N, query_dim)
+        return _project(self.to_out, out, residual)  # (B, N, query_dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.attend(x, context)
+    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        return self.attend(x, context, residual)
+
+
+def _project(output_layers, x: Tensor, residual: Tensor | None) -> Tensor:
+    """An output projection [linear, dropout] applied to x, plus `residual` when given."""
+    linear, dropout = output_layers
+    if residual is None:
+        return dropout(linear(x))
+    if dropout.training and dropout.p > 0:  # the sum must come after the dropout
+        return residual + dropout(linear(x))
+    return plus_output(linear, x, residual)
 
 
 class SpatialSelfAttention(Attention):
@@ -176,10 +191,11 @@ class FeedForward(nn.Module):
         inner = dim * mult
         self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(B, N, dim) -> (B, N, dim), plus `residual` when given."""
+        geglu, dropout, linear = self.net
+        hidden = dropout(geglu(x))
+        return linear(hidden) if residual is None else plus_output(linear, hidden, residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -195,9 +211,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, C)
-        x = x + self.attn2(self.norm2(x), context)  # (B, N, C)
-        return x + self.ff(self.norm3(x))  # (B, N, C)
+        x = self.attn1(self.norm1(x), residual=x)  # (B, N, C)
+        x = self.attn2(self.norm2(x), context, residual=x)  # (B, N, C)
+        return self.ff(self.norm3(x), residual=x)  # (B, N, C)
 
 
 class SpatialTransformer(nn.Module):
@@ -244,9 +260,9 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             tokens = self.proj_out(tokens)
         out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
-        if not self.linear_projection:
-            out = self.proj_out(out)
-        return x + out
+        if self.linear_projection:
+            return x + out
+        return plus_output(self.proj_out, out, x)
 
 
 class Downsample(nn.Module):

@@ -11,6 +11,10 @@ reorder once, and replaces in place
   GELU fused into the gate's and the product into the value's (oneDNN post-ops), instead of one
   wide GEMM, a copy of the bias, a GELU pass and a product pass.
 
+Packed convolutions and linear layers also take a residual (`forward_plus(x, residual)`): the
+sum `residual + layer(x)` is a post-op of the GEMM, not a pass of its own over the activations
+(`layers.plus_output` uses it wherever a U-Net adds a layer's output to a residual).
+
 These are the kernels inductor's freezing pass picks (`torch.ops.mkldnn._convolution_pointwise`,
 `_linear_pointwise`), called from eager code so there is no compile step. The results equal the
 plain layers' up to the order of float additions (bitwise for convolutions here).
@@ -62,6 +66,14 @@ class PackedConv2d(nn.Module):
         return _MKLDNN._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,
                                               self.dilation, self.groups, "none", [], "")
 
+    def forward_plus(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + self(x), the sum fused into the convolution."""
+        if _needs_grad(x) or _needs_grad(residual):
+            return residual + self(x)
+        residual = residual.contiguous(memory_format=torch.channels_last)  # the output's layout, whatever x's
+        return _MKLDNN._convolution_pointwise.binary(x, residual, self.packed, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups, "add", None, None, [], None)
+
 
 class PackedLinear(nn.Module):
     """A frozen linear layer (weight (out, in), bias (out,) or None) in oneDNN's layout."""
@@ -76,6 +88,12 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.packed.to_dense(), self.bias)
         # the kernel reads its input as dense rows: a strided view gives wrong results
         return _MKLDNN._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def forward_plus(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + self(x), the sum fused into the GEMM."""
+        if _needs_grad(x) or _needs_grad(residual):
+            return residual + self(x)
+        return _MKLDNN._linear_pointwise.binary(x.contiguous(), residual.contiguous(), self.packed, self.bias, "add")
 
 
 class PackedGEGLU(nn.Module):
