@@ -305,3 +305,20 @@ def test_clip_preprocess_normalises():
     )
     assert torch.allclose(out[0, :, 0, 0], expected, atol=1e-6)
     assert clip_preprocess(torch.zeros(2, 3, 100, 300), 64).shape == (2, 3, 64, 64)
+
+
+def test_contrastive_loss_with_extra_negative_texts():
+    """Texts after the images' count are negatives for the images only: the text->image half
+    ignores them, the image->text half ranks each image's caption against them too."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3)  # 3 captions, 2 extra negatives, 3 images
+    labels = torch.arange(3)
+    expected = (torch.nn.functional.cross_entropy(logits[:3], labels)
+                + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    assert torch.allclose(contrastive_loss(logits), expected)
+    assert torch.allclose(contrastive_loss(logits[:3]), contrastive_loss(logits[:3].clone()))
+    easy, hard = logits.clone(), logits.clone()
+    easy[3:], hard[3:] = -10.0, 10.0  # negatives far from / close to every image
+    assert contrastive_loss(hard) > contrastive_loss(easy) > contrastive_loss(logits[:3]) - 1e-6
+    with pytest.raises(InvalidArgument, match="every image needs its text"):
+        contrastive_loss(torch.randn(2, 3))

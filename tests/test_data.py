@@ -499,3 +499,24 @@ def test_to_image_and_make_grid():
     assert grid.size == (2 * 16 + 3, 3 * 16 + 4)
     with pytest.raises(InvalidArgument):
         to_image(torch.zeros(2, 4, 4))
+
+
+def test_hard_negatives_describe_a_different_scene(pair_scenes):
+    """Each negative reuses the caption's words, yet is false of the rendered scene: either the
+    relation fails between the same objects, or the colours sit on the other shapes."""
+    rebound = 0
+    for scene in pair_scenes:
+        text = S.caption(scene)
+        a, b = scene.objects
+        negatives = S.hard_negatives(text)
+        assert len(set(negatives)) == len(negatives) and text not in negatives
+        reversed_, *rest = (S.parse_caption(n) for n in negatives)
+        assert reversed_.objects == S.parse_caption(text).objects
+        assert not S.relation_holds(a, b, reversed_.relation, margin=0.0)
+        for other in rest:  # same shapes in the same places, the colours exchanged
+            assert other.shapes == (a.shape, b.shape) and other.colors == (b.color, a.color)
+            assert sorted(negatives[1].split()) == sorted(text.split())  # a bag of words cannot tell them apart
+            rebound += 1
+        assert len(rest) == (a.color != b.color and a.shape != b.shape)
+    assert rebound > 0
+    assert S.hard_negatives("a red circle") == [] and S.hard_negatives("a large red circle") == []

@@ -80,3 +80,26 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latent_space(tmp_path)
     before, after = trained.state_dict(), vae.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(("encoder.", "quant_conv.")))
     assert not all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))
+
+
+def test_clip_stage_adds_each_captions_hard_negatives_after_the_batch(tmp_path):
+    """The batch's texts are its captions, then their hard negatives (no image of their own);
+    the accuracy against them is a fraction of the images; training on them runs."""
+    from ldmkit.data.shapes import hard_negatives
+    from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
+    from ldmkit.training.stages import CLIPStage
+    from ldmkit.training.trainer import TrainConfig, Trainer
+    from ldmkit.models.clip import CLIPModel
+
+    images, captions = render_scenes(12, 64, seed=3)
+    tokenizer = shapes_tokenizer(captions)
+    stage = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
+                      hard_negatives=hard_negatives)
+    rows = list(range(12))
+    ids = stage.batch(rows)["ids"]
+    negatives = [n for i in rows for n in hard_negatives(captions[i])]
+    assert len(negatives) > 0
+    assert torch.equal(ids, tokenizer([captions[i] for i in rows] + negatives))
+    accuracy = stage.hard_negative_accuracy(stage.model, images, captions, hard_negatives)
+    assert 0.0 <= accuracy <= 1.0
+    Trainer(stage, TrainConfig(steps=2, batch_size=6, warmup_steps=1, ema_decay=None), tmp_path, progress=False).train()

@@ -1,7 +1,12 @@
 """`ldmkit eval`: score a shapes text-to-image model, or retrain an evaluation classifier.
 
-    ldmkit eval shapes [--model PATH] [--prompts heldout|train|both] [--num-per-prompt K]
-                       [--steps 25] [--sampler dpmpp_2m] [--cfg-scale S] [--seed 0] [--out FILE]
+    ldmkit eval shapes [--model PATH] [--prompts heldout|train|both | --prompts-file FILE]
+                       [--num-per-prompt K] [--steps 25] [--sampler dpmpp_2m] [--cfg-scale S]
+                       [--seed 0] [--out FILE] [--grid FILE] [--save-images DIR]
+
+An independent checker brings its own prompts (`--prompts-file`, one shapes caption per line)
+and judges the very images this evaluator judged (`--save-images`: one PNG per image, its
+prompt and seed embedded; the report's verdicts name the files).
     ldmkit eval classifier {shapes,digits} [--seed 0] [--steps N] [--out FILE]
 
 Registered by ldmkit.cli like its other subcommands (`add_eval(subparsers)`, `run_eval(args)`);
@@ -38,6 +43,8 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--model", help="diffusers folder or single file (default: the bundled shapes model)")
     p.add_argument("--prompts", choices=PROMPT_CHOICES, default="heldout",
                    help="held-out captions (the main number), a sample of training captions, or both")
+    p.add_argument("--prompts-file", type=Path,
+                   help="evaluate these prompts instead: one shapes caption per line (blank lines and #-comments skipped)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
@@ -49,6 +56,8 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--classifier", type=Path, help="shapes classifier weights (default: the packaged asset)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--grid", type=Path, help="also write the generated images on one PNG sheet")
+    p.add_argument("--save-images", type=Path, metavar="DIR",
+                   help="also write every generated image as DIR/<set>-<index>.png, prompt and seed embedded")
     p.set_defaults(func=run_eval)
 
 
@@ -99,6 +108,40 @@ def _check_shapes_args(args) -> None:
             raise InvalidArgument(message)
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """The shapes captions in `path`, one per line; each must parse (`parse_caption`)."""
+    from ..data.shapes import parse_caption
+
+    if not path.is_file():
+        raise InvalidArgument(f"--prompts-file {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"--prompts-file {path}: not UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InvalidArgument(f"--prompts-file {path}: no prompts in it")
+    for number, prompt in enumerate(prompts, 1):
+        try:
+            parse_caption(prompt)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"--prompts-file {path}, prompt {number}: {e}") from None
+    return prompts
+
+
+def _save_images(folder: Path, name: str, images: list, report: dict) -> None:
+    """One PNG per judged image, its verdict pointing at the file."""
+    from ..pipelines.output import save_png
+
+    settings = report["settings"]
+    for index, (image, verdict) in enumerate(zip(images, report["judgements"])):
+        path = save_png(image, folder / f"{name}-{index:05d}.png",
+                        {"prompt": verdict["prompt"], "seed": settings["seed"] + index,  # image k: seed + k
+                         "steps": settings["steps"], "sampler": settings["sampler"],
+                         "cfg_scale": settings["cfg_scale"]})
+        verdict["file"] = path.name
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -111,6 +154,10 @@ def _print_summary(name: str, report: dict) -> None:
           f"FID {report['fid']:.2f}")
     attrs = a["all"]["attributes"]
     print(f"[{name}] per attribute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in attrs.items()))
+    check = report["geometry_check"]
+    g, agree = check["alignment"], check["agreement"]
+    print(f"[{name}] rule-based judge: one-object {_fmt(g['one_object']['correct'])}, two-object "
+          f"{_fmt(g['two_object']['correct'])}; agrees with the classifier on {_fmt(agree['all'])} of images")
 
 
 def _run_shapes(args) -> int:
@@ -125,19 +172,25 @@ def _run_shapes(args) -> int:
     _check_shapes_args(args)
     model_path = resolve_model_path(args.model)
     resolve_precision(args.precision, resolve_device(args.device))
+    if args.prompts_file is not None:  # read (and checked) before any model is loaded
+        prompt_sets = {"file": read_prompts_file(args.prompts_file)}
+    else:
+        sets = ("heldout", "train") if args.prompts == "both" else (args.prompts,)
+        prompt_sets = {name: evaluation_prompts(name) for name in sets}
     classifier = load_shapes_classifier(args.classifier)
     pipe = load_pipeline(model_path, args.precision, args.device)
-    sets = ("heldout", "train") if args.prompts == "both" else (args.prompts,)
     reports, grids = {}, []
-    for name in sets:
-        prompts = evaluation_prompts(name)
+    for name, prompts in prompt_sets.items():
         bar = tqdm(total=len(prompts) * args.num_per_prompt, desc=f"generating ({name})", unit="image")
         report = evaluate_shapes_model(
             pipe, prompts, args.num_per_prompt, args.steps, args.sampler, args.cfg_scale, args.seed,
             args.batch_size, classifier, progress=lambda done, total: bar.update(done - bar.n),
-            keep_images=args.grid is not None)
+            keep_images=args.grid is not None or args.save_images is not None)
         bar.close()
-        grids += report.pop("images", [])
+        images = report.pop("images", [])
+        if args.save_images is not None:
+            _save_images(args.save_images, name, images, report)
+        grids += images
         report["settings"]["model"] = str(model_path)
         reports[name] = report
         _print_summary(name, report)

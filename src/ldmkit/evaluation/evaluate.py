@@ -21,6 +21,7 @@ from ..data.shapes import render
 from ..errors import InvalidArgument
 from .alignment import RELATION_MARGIN, judge_many, summarize
 from .fid import fid_from_features
+from .geometry_judge import cross_check
 from .scenes import scene_for_prompt
 from .shapes_classifier import ShapesClassifier, extract_features, load_shapes_classifier
 
@@ -51,7 +52,9 @@ def score_shapes_images(
 ) -> dict:
     """Alignment and FID of images; `images` holds `num_per_prompt` consecutive images per prompt.
 
-    Returns {"alignment": summarize(...), "fid": float, "real_images": int, "judgements": [...]}.
+    Returns {"alignment": summarize(...), "fid": float, "real_images": int, "judgements": [...],
+    "geometry_check": the rule-based judge's alignment and its agreement with the classifier's
+    verdicts (geometry_judge.cross_check)}.
     """
     classifier = classifier or load_shapes_classifier()
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
@@ -63,6 +66,7 @@ def score_shapes_images(
         "fid": shapes_fid(images, real, classifier),
         "real_images": len(real),
         "judgements": judgements,
+        "geometry_check": cross_check(expanded, images, judgements, margin),
     }
 
 

@@ -191,14 +191,17 @@ class CLIPStage:
     def hard_negative_accuracy(self, model: CLIPModel, images: torch.Tensor, captions: list[str],
                                hard_negatives: Callable[[str], list[str]]) -> float:
         """The fraction of `images` (uint8) whose own caption scores above each of its hard
-        negatives: chance for a bag-of-words reader, 1.0 for one that reads relations and bindings."""
+        negatives: chance for a bag-of-words reader, 1.0 for one that reads relations and bindings.
+        Images whose caption has no hard negatives (one object) are not counted."""
         pixels = clip_preprocess(uint8_to_images(images), model.config.vision.image_size)
         image = model.encode_image(pixels, normalize=True)
         right = []
         for embedding, text in zip(image, captions):
-            texts = model.encode_text(self.tokenizer([text, *hard_negatives(text)]), normalize=True)
-            scores = texts @ embedding
-            right.append(bool((scores[0] > scores[1:]).all()))
+            if negatives := hard_negatives(text):
+                scores = model.encode_text(self.tokenizer([text, *negatives]), normalize=True) @ embedding
+                right.append(bool((scores[0] > scores[1:]).all()))
+        if not right:
+            raise InvalidArgument("no caption has hard negatives to rank against")
         return sum(right) / len(right)
 
     def sample(self, model, step):
