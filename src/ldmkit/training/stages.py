@@ -148,6 +148,8 @@ class CLIPStage:
     Captions repeat in small vocabularies (shapes: ~1,300 distinct); a repeated caption in the
     batch is a false negative the loss cannot know about, which only softens the objective.
     With several ranks, negatives are those of the rank's own micro-batch (no all-gather).
+    With `hard_negatives` (caption -> captions of other scenes, e.g. `data.shapes.hard_negatives`)
+    those texts join each micro-batch as extra negatives for the images (NegCLIP).
     """
 
     name = "clip"
@@ -209,6 +211,7 @@ class CLIPStage:
 
 
 def _negative_ids(tokenizer: CLIPTokenizer, captions: list[str], hard_negatives) -> list[torch.Tensor]:
+    """Per caption, its hard negatives' ids (K, T), K = 0 for none; each distinct caption tokenised once."""
     distinct = {c: hard_negatives(c) for c in set(captions)}
     ids = {c: tokenizer(negs, warn_truncation=False) if negs else torch.zeros(0, tokenizer.context_length,
                                                                               dtype=torch.long)
