@@ -369,3 +369,15 @@ def test_geometry_judge_ignores_specks_and_tolerates_off_colours():
     noisy = np.clip(image.astype(int) + rng.integers(-25, 26, image.shape), 0, 255).astype(np.uint8)
     found = detect_geometric(noisy)
     assert [(o.color, o.shape, o.size) for o in found] == [("red", "circle", "large")]
+
+
+def test_geometry_judge_reads_a_shaded_object_as_one_object_of_its_main_colour():
+    """A generated blue square with a darker band that lies nearer purple is one blue square."""
+    from ldmkit.evaluation.geometry_judge import detect_geometric
+
+    image = np.asarray(render(Scene((ShapeObject("square", "blue", "large", (0.5, 0.5)),)), 64)).copy()
+    ys, xs = np.nonzero((image != 255).any(-1))
+    band = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.min() + 6))
+    image[band] = (120, 60, 190)  # nearest palette colour: purple
+    found = detect_geometric(image)
+    assert [(o.color, o.shape, o.size) for o in found] == [("blue", "square", "large")]

@@ -1,7 +1,8 @@
 """A second shapes judge with nothing learned in it, to cross-check the attribute classifier.
 
-Every pixel takes its nearest palette colour or white; each colour's 4-connected regions above
-a minimum area are objects. A region's shape comes from how it fills its bounding box (a square
+Every pixel takes its nearest palette colour or white; the 4-connected regions of non-white
+pixels above a minimum area are objects (the data set never lets two objects touch), each of the
+colour most of its pixels have (a shaded sample may stray into a neighbouring palette colour). A region's shape comes from how it fills its bounding box (a square
 fills it all, a circle pi/4 of it, an apex-up triangle half, and its top half is much narrower
 than its bottom half), its size from the box's longer side (small 22%, large 40% of the canvas),
 its centre from the region's mean pixel position. The verdicts then follow the same rules as
@@ -79,12 +80,13 @@ def detect_geometric(image: np.ndarray) -> list[DetectedObject]:
     canvas = image.shape[0]
     index = nearest_palette_index(image)
     min_area = MIN_AREA_FRACTION * canvas * canvas
+    colors = list(COLORS)
     found = []
-    for k, color in enumerate(COLORS):
-        for pixels in regions(index == k):
-            if len(pixels) >= min_area:
-                shape, size, centre = classify_region(pixels, canvas)
-                found.append(DetectedObject(color, shape, size, centre, 1))
+    for pixels in regions(index != len(colors)):  # objects never touch, so a region is one object
+        if len(pixels) >= min_area:
+            votes = np.bincount(index[pixels[:, 0], pixels[:, 1]], minlength=len(colors))
+            shape, size, centre = classify_region(pixels, canvas)
+            found.append(DetectedObject(colors[int(votes.argmax())], shape, size, centre, 1))
     return found
 
 
