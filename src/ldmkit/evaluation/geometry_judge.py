@@ -2,15 +2,17 @@
 
 Every pixel takes its nearest palette colour or white; the 4-connected regions of non-white
 pixels above a minimum area are objects (the data set never lets two objects touch), each of the
-colour most of its pixels have (a shaded sample may stray into a neighbouring palette colour). A region's shape comes from how it fills its bounding box (a square
-fills it all, a circle pi/4 of it, an apex-up triangle half, and its top half is much narrower
-than its bottom half), its size from the box's longer side (small 22%, large 40% of the canvas),
-its centre from the region's mean pixel position. The verdicts then follow the same rules as
-the classifier's (`alignment.judge_detections`), so where the two judges disagree it is about
-what is in the image, not about what the prompt asks.
+colour most of its pixels have (a shaded sample may stray into a neighbouring palette colour).
+A region's shape comes from how it fills its bounding box (a square fills it all, a circle pi/4
+of it, an apex-up triangle half, and its top half is much narrower than its bottom half), its
+size from the box's longer side (small 22%, large 40% of the canvas), its centre from the
+region's mean pixel position. The verdicts then follow the same rules as the classifier's
+(`alignment.judge_detections`), so where the two judges disagree it is about what is in the
+image, not about what the prompt asks.
 
-It is exact on clean renderings and assumes flat colours on white, so it is stricter than the
-classifier with blurred or speckled samples: a disagreement is a reason to look at the image.
+It is exact on clean renderings. It assumes flat colours on white, so two generated objects that
+touch read as one, and a blotch over the minimum area as an object: a disagreement is a reason to
+look at the image.
 """
 
 from __future__ import annotations

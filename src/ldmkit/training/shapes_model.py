@@ -139,7 +139,8 @@ def zero_shot_set(recipe: ShapesModelRecipe, count: int = 256):
 
 
 def hard_negative_set(recipe: ShapesModelRecipe, count: int = 300) -> tuple[torch.Tensor, list[str]]:
-    """Held-out two-object scenes (uint8) and their captions, for CLIPStage.hard_negative_accuracy."""
+    """Fresh two-object scenes (uint8; not training images) and their captions, for
+    CLIPStage.hard_negative_accuracy."""
     data = ShapesDataset(size=recipe.image_size, length=count, seed=recipe.seed + 5, split="train",
                          one_object_fraction=0.0)
     return torch.stack([images_to_uint8(data[i]["image"]) for i in range(count)]), [caption(data.scene(i))
