@@ -3,11 +3,11 @@
     ldmkit eval shapes [--model PATH] [--prompts heldout|train|both | --prompts-file FILE]
                        [--num-per-prompt K] [--steps 25] [--sampler dpmpp_2m] [--cfg-scale S]
                        [--seed 0] [--out FILE] [--grid FILE] [--save-images DIR]
+    ldmkit eval classifier {shapes,digits} [--seed 0] [--steps N] [--out FILE]
 
 An independent checker brings its own prompts (`--prompts-file`, one shapes caption per line)
 and judges the very images this evaluator judged (`--save-images`: one PNG per image, its
 prompt and seed embedded; the report's verdicts name the files).
-    ldmkit eval classifier {shapes,digits} [--seed 0] [--steps N] [--out FILE]
 
 Registered by ldmkit.cli like its other subcommands (`add_eval(subparsers)`, `run_eval(args)`);
 ``python -m ldmkit.evaluation.cli shapes ...`` runs the same commands without the `eval` word.
@@ -44,7 +44,8 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--prompts", choices=PROMPT_CHOICES, default="heldout",
                    help="held-out captions (the main number), a sample of training captions, or both")
     p.add_argument("--prompts-file", type=Path,
-                   help="evaluate these prompts instead: one shapes caption per line (blank lines and #-comments skipped)")
+                   help="evaluate these prompts instead: one shapes caption per line "
+                   "(blank lines and #-comments skipped)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")

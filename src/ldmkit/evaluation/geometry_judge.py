@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import BACKGROUND, COLORS, SIZES, parse_caption
+from .alignment import judge_detections, summarize
 from .shapes_classifier import DetectedObject, to_input
 
 MIN_AREA_FRACTION = 0.004  # smallest region counted as an object: ~16 pixels at 64x64 (a small triangle is ~100)
@@ -100,13 +101,10 @@ def detect_many(images, size: int = 64) -> list[list[DetectedObject]]:
     return [detect_geometric(p) for p in pixels]
 
 
-
 def cross_check(prompts: list[str], images, classifier_verdicts: list[dict], margin: float) -> dict:
     """This judge's verdicts on the same images, summarised, and how often its "correct" agrees
     with the classifier's: {"alignment": summarize(...), "agreement": {"one_object",
     "two_object", "all"}}."""
-    from .alignment import judge_detections, summarize  # alignment builds on the classifier module
-
     verdicts = [judge_detections(p, found, margin) | {"prompt": p} for p, found in zip(prompts, detect_many(images))]
     same = [(parse_caption(p).relation is not None, ours["correct"] == theirs["correct"])
             for p, ours, theirs in zip(prompts, verdicts, classifier_verdicts)]

@@ -85,9 +85,9 @@ class ShapesModelRecipe:
                        unet_train=replace(short(self.unet_train), batch_size=8))
 
 
-def render_scenes(count: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """`count` training scenes as uint8 (N, 3, size, size) and their captions."""
-    data = ShapesDataset(size=size, length=count, seed=seed, split="train")
+def render_scenes(count: int, size: int, seed: int, one_object_fraction: float = 0.5) -> tuple[torch.Tensor, list[str]]:
+    """`count` train-split scenes as uint8 (N, 3, size, size) and their captions."""
+    data = ShapesDataset(size=size, length=count, seed=seed, split="train", one_object_fraction=one_object_fraction)
     images = torch.stack([images_to_uint8(data[i]["image"]) for i in range(count)])
     return images, [caption(data.scene(i)) for i in range(count)]
 
@@ -141,10 +141,7 @@ def zero_shot_set(recipe: ShapesModelRecipe, count: int = 256):
 def hard_negative_set(recipe: ShapesModelRecipe, count: int = 300) -> tuple[torch.Tensor, list[str]]:
     """Fresh two-object scenes (uint8; not training images) and their captions, for
     CLIPStage.hard_negative_accuracy."""
-    data = ShapesDataset(size=recipe.image_size, length=count, seed=recipe.seed + 5, split="train",
-                         one_object_fraction=0.0)
-    return torch.stack([images_to_uint8(data[i]["image"]) for i in range(count)]), [caption(data.scene(i))
-                                                                                     for i in range(count)]
+    return render_scenes(count, recipe.image_size, recipe.seed + 5, one_object_fraction=0.0)
 
 
 @torch.no_grad()
