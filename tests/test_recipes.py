@@ -103,3 +103,31 @@ def test_clip_stage_adds_each_captions_hard_negatives_after_the_batch(tmp_path):
     accuracy = stage.hard_negative_accuracy(stage.model, images, captions, hard_negatives)
     assert 0.0 <= accuracy <= 1.0
     Trainer(stage, TrainConfig(steps=2, batch_size=6, warmup_steps=1, ema_decay=None), tmp_path, progress=False).train()
+
+
+def test_min_snr_weighting_scales_each_rows_loss_by_its_timesteps_weight():
+    """Same rows, same randomness: the weighted loss is the plain one times min(SNR, 5) / SNR,
+    so a nearly clean row counts less and a noisy one (SNR below 5) counts in full."""
+    from ldmkit.diffusion.forward import min_snr_weights
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.unet import UNet
+    from ldmkit.training.shapes_model import ShapesModelRecipe
+    from ldmkit.training.stages import LatentUNetStage
+    from ldmkit.training.trainer import RowRandom
+
+    torch.manual_seed(0)
+    unet, schedule = UNet(ShapesModelRecipe().unet).eval(), NoiseSchedule()
+    n = 48
+    data = (torch.randn(n, 4, 16, 16), torch.full((n, 4, 16, 16), 0.1), torch.arange(n), torch.randn(n, 16, 128),
+            torch.zeros(16, 128))
+
+    def row_losses(gamma):
+        stage = LatentUNetStage(unet, schedule, *data, caption_dropout=0.0, snr_gamma=gamma)
+        with torch.no_grad():
+            return stage.loss(unet, stage.batch(list(range(n))), RowRandom(7, 0, list(range(n))))[0]
+
+    t = RowRandom(7, 0, list(range(n)))
+    t.randn(4, 16, 16), t.rand()  # the stage draws these before the timesteps
+    weights = min_snr_weights(schedule, t.randint(schedule.num_train_timesteps), 5.0, "epsilon").float()
+    assert weights.min() < 1.0 and weights.max() == 1.0  # the draw has nearly clean rows and noisy ones
+    torch.testing.assert_close(row_losses(5.0), row_losses(None) * weights)

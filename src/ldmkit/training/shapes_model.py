@@ -9,7 +9,8 @@
        hard-negative accuracy on held-out scenes are logged;
     4. the latent scaling factor measured as 1 / std of the latents;
     5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
-       state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
+       state, as SD 1.x), 10% caption dropout, epsilon target with Min-SNR-5 loss weights, SD's
+       noise schedule;
     6. the VAE decoder fine-tuned alone on whole images (the encoder, hence the latent space the
        U-Net learned, unchanged), as SD's ft-MSE decoder was;
     7. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
@@ -75,6 +76,7 @@ class ShapesModelRecipe:
     unet_train: TrainConfig = TrainConfig(steps=16_000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
+    snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
 
     def quick(self) -> ShapesModelRecipe:
@@ -223,7 +225,7 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     torch.manual_seed(recipe.seed + 2)
     unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, inputs["mean"], inputs["std"], inputs["caption_ids"],
                                  inputs["contexts"], inputs["empty"], caption_dropout=recipe.caption_dropout,
-                                 sampler=sampler)
+                                 snr_gamma=recipe.snr_gamma, sampler=sampler)
     unet = run(unet_stage, recipe.unet_train).eval()
     # the decoder alone, on whole images: sharper colours and edges, same latent space
     vae = run(VAEStage(recipe.vae, images, decoder_of=vae), recipe.decoder_train).vae.eval()
@@ -263,7 +265,7 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
     schedule = NoiseSchedule(comps.schedule_config)
     unet = comps.unet.train().requires_grad_(True)
     stage = LatentUNetStage(unet, schedule, inputs["mean"], inputs["std"], inputs["caption_ids"], inputs["contexts"],
-                            inputs["empty"], caption_dropout=recipe.caption_dropout)
+                            inputs["empty"], caption_dropout=recipe.caption_dropout, snr_gamma=recipe.snr_gamma)
     trainer = Trainer(stage, train, run_dir / "unet", progress=progress)
     if resume and (run_dir / "unet" / "checkpoints").is_dir():
         trainer.resume()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data import make_grid
-from ..diffusion.forward import q_sample, training_target
+from ..diffusion.forward import min_snr_weights, q_sample, training_target
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import InvalidArgument
 from ..models.clip import CLIPModel, clip_preprocess, zero_shot_classify
@@ -234,12 +234,16 @@ class LatentUNetStage:
 
     def __init__(self, unet: UNet, schedule: NoiseSchedule, latent_mean: torch.Tensor, latent_std: torch.Tensor,
                  caption_ids: torch.Tensor, contexts: torch.Tensor, empty_context: torch.Tensor,
-                 caption_dropout: float = 0.1, sampler: Callable | None = None) -> None:
+                 caption_dropout: float = 0.1, snr_gamma: float | None = None,
+                 sampler: Callable | None = None) -> None:
         self.model, self.schedule = unet, schedule
         self.latent_mean, self.latent_std = latent_mean, latent_std  # (N, C, h, w) each
         self.caption_ids = caption_ids  # (N,) index into contexts
         self.contexts, self.empty_context = contexts, empty_context  # (K, T, D), (T, D)
         self.caption_dropout = caption_dropout
+        # Min-SNR-gamma loss weights (None: plain MSE): the nearly clean timesteps, easy and many,
+        # stop outweighing the noisy ones where a scene's layout is decided
+        self.snr_gamma = snr_gamma
         self.sampler = sampler  # (model) -> PIL grid, for progress samples
 
     def __len__(self) -> int:
@@ -258,7 +262,10 @@ class LatentUNetStage:
         noise = rand.randn(*mean.shape[1:])
         prediction = model(q_sample(self.schedule, x0, t, noise), t.float(), context)
         target = training_target(self.schedule.prediction_type, self.schedule, x0, t, noise)
-        return per_row_mse(prediction, target), {}
+        loss = per_row_mse(prediction, target)
+        if self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.schedule, t, self.snr_gamma, self.schedule.prediction_type).to(loss)
+        return loss, {}
 
     def sample(self, model, step):
         return self.sampler(model) if self.sampler is not None else None
