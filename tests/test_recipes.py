@@ -16,8 +16,11 @@ from ldmkit.training.trainer import checkpoint_paths
 @pytest.mark.slow
 def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     out = tmp_path / "model"
-    assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
-    summary = json.loads((out / "training.json").read_text())["summary"]
+    assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+                 "--snr-gamma", "5"]) == 0
+    log = json.loads((out / "training.json").read_text())
+    summary = log["summary"]
+    assert log["recipe"]["snr_gamma"] == 5.0
     assert set(summary) >= {"vae", "clip", "unet", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
     for stage in ("vae", "clip", "unet"):
@@ -56,6 +59,13 @@ def test_digits_recipe_trains_and_resumes_from_the_cli(tmp_path):
     assert (run_dir / "samples" / "step-00000002.png").is_file()
     assert main(["train", "digits", "--steps", "3", "--batch-size", "8", "--run-dir", str(run_dir), "--resume"]) == 0
     assert checkpoint_paths(run_dir / "checkpoints")[-1].name == "step-00000003.pt"
+
+
+def test_a_non_positive_snr_gamma_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path), "--snr-gamma", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ldmkit: error: --snr-gamma must be positive, got 0.0"]
+    assert not any(tmp_path.iterdir())  # refused before anything was rendered or written
 
 
 def test_resume_without_checkpoints_is_a_one_line_error(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """`ldmkit train`: the training recipes from the command line.
 
-    ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick]
+    ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G]
     ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+
+from ..errors import InvalidArgument
 
 RECIPES = ("shapes-model", "digits", "minimal")
 
@@ -27,6 +29,8 @@ def add_train(sub) -> None:
     p.add_argument("--continue-from", type=Path, metavar="MODEL",
                    help="shapes-model: train this model's U-Net further (VAE, text encoder, tokenizer kept)")
     p.add_argument("--unet-steps", type=int, help="shapes-model --continue-from: U-Net steps (default 8000)")
+    p.add_argument("--snr-gamma", type=float, metavar="G",
+                   help="shapes-model: Min-SNR-G weights on the U-Net's loss (default: plain MSE)")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -42,7 +46,9 @@ def run_train(args) -> int:
     if args.recipe == "shapes-model":
         from .shapes_model import UNET_CONTINUE_TRAIN, ShapesModelRecipe, continue_unet, train_shapes_model
 
-        recipe = ShapesModelRecipe(seed=args.seed)
+        if args.snr_gamma is not None and not args.snr_gamma > 0:
+            raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
+        recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
         if args.continue_from is not None:
             train = replace(UNET_CONTINUE_TRAIN, steps=args.unet_steps or UNET_CONTINUE_TRAIN.steps, seed=args.seed)
             if args.quick:

@@ -9,8 +9,7 @@
        hard-negative accuracy on held-out scenes are logged;
     4. the latent scaling factor measured as 1 / std of the latents;
     5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
-       state, as SD 1.x), 10% caption dropout, epsilon target with Min-SNR-5 loss weights, SD's
-       noise schedule;
+       state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
     6. the VAE decoder fine-tuned alone on whole images (the encoder, hence the latent space the
        U-Net learned, unchanged), as SD's ft-MSE decoder was;
     7. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
@@ -76,7 +75,7 @@ class ShapesModelRecipe:
     unet_train: TrainConfig = TrainConfig(steps=16_000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
-    snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE (see README)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
 
     def quick(self) -> ShapesModelRecipe:
