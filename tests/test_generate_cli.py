@@ -320,3 +320,27 @@ def test_nan_everywhere_is_a_generation_error(model, tmp_path, monkeypatch, caps
 def test_errors_are_ldmkit_errors():
     with pytest.raises(LdmkitError):
         seed_generators(-1, 2)
+
+
+def test_model_hash_is_cached_and_computed_again_when_a_weight_file_changes(model, tmp_path, monkeypatch):
+    """The cached hash is the one hashing gives; an edited weight file is hashed afresh."""
+    import shutil
+
+    from ldmkit.pipelines import load as load_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copy = shutil.copytree(model, tmp_path / "model")
+    first = model_hash(copy)
+    assert (tmp_path / "cache" / "ldmkit" / load_module.HASH_CACHE_FILE).is_file()
+    hashed = []
+    real = load_module._sha256_of_weights
+    monkeypatch.setattr(load_module, "_sha256_of_weights", lambda *a: hashed.append(1) or real(*a))
+    assert model_hash(copy) == first and not hashed  # from the cache, nothing read
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    changed = model_hash(copy)
+    assert hashed and changed != first
+    (tmp_path / "cache" / "ldmkit" / load_module.HASH_CACHE_FILE).write_text("{not json")
+    assert model_hash(copy) == changed  # a damaged cache is ignored and rewritten

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache import user_cache_dir
 from ..errors import LdmkitError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -119,8 +120,7 @@ def cache_path(name: str) -> Path:
     """Where a retrained asset goes: the package's assets folder if writable, else the user cache."""
     if os.access(ASSETS, os.W_OK):
         return ASSETS / name
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldmkit"
-    return root / name
+    return user_cache_dir() / name
 
 
 def find_asset(name: str) -> Path | None:

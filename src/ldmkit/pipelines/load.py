@@ -14,11 +14,15 @@ fused post-ops) and the VAE runs channels_last; measured in bench/RESULTS.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from pathlib import Path
 
 import torch
 
+from ..cache import user_cache_dir
+from ..checkpoints.io import write_text_atomic
 from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import InvalidArgument, LdmkitError, check_choice
@@ -31,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 HASH_LENGTH = 10  # hex characters of the model hash recorded with each image
+HASH_CACHE_FILE = "model_hashes.json"  # in the user cache: {model path: {"files": [...], "hash"}}
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -89,11 +94,37 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 def model_hash(path: str | Path) -> str:
     """The first HASH_LENGTH hex digits of sha256 over a model's weight files (a single file, or
-    every weight file under a folder in sorted order, each with its relative path)."""
-    path = Path(path)
+    every weight file under a folder in sorted order, each with its relative path).
+
+    Reading gigabytes for it takes seconds, so the hash is kept in the user cache
+    (`HASH_CACHE_FILE`) with each file's size and modification time, and computed again only when
+    one of them changes, as the web UIs do.
+    """
+    path = Path(path).resolve()
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and p.suffix in SINGLE_FILE_SUFFIXES
     )
+    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = _read_hash_cache()
+    entry = cache.get(str(path))
+    if entry is not None and entry.get("files") == stamp and isinstance(entry.get("hash"), str):
+        return entry["hash"]
+    value = _sha256_of_weights(path, files)
+    cache[str(path)] = {"files": stamp, "hash": value}
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run the hashing
+        write_text_atomic(user_cache_dir() / HASH_CACHE_FILE, json.dumps(cache))
+    return value
+
+
+def _read_hash_cache() -> dict:
+    try:
+        cache = json.loads((user_cache_dir() / HASH_CACHE_FILE).read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: start afresh
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _sha256_of_weights(path: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         if path.is_dir():
