@@ -104,7 +104,7 @@ def model_hash(path: str | Path) -> str:
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and p.suffix in SINGLE_FILE_SUFFIXES
     )
-    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stamp = [[str(f), *_size_and_mtime(f)] for f in files]
     cache = _read_hash_cache()
     entry = cache.get(str(path))
     if entry is not None and entry.get("files") == stamp and isinstance(entry.get("hash"), str):
@@ -114,6 +114,11 @@ def model_hash(path: str | Path) -> str:
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run the hashing
         write_text_atomic(user_cache_dir() / HASH_CACHE_FILE, json.dumps(cache))
     return value
+
+
+def _size_and_mtime(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _read_hash_cache() -> dict:

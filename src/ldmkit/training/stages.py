@@ -241,8 +241,8 @@ class LatentUNetStage:
         self.caption_ids = caption_ids  # (N,) index into contexts
         self.contexts, self.empty_context = contexts, empty_context  # (K, T, D), (T, D)
         self.caption_dropout = caption_dropout
-        # Min-SNR-gamma loss weights (None: plain MSE): the nearly clean timesteps, easy and many,
-        # stop outweighing the noisy ones where a scene's layout is decided
+        # Min-SNR-gamma loss weights (None: plain MSE): rows at nearly clean timesteps (SNR above
+        # gamma) count less, so that they do not outweigh the noisy ones where a layout is decided
         self.snr_gamma = snr_gamma
         self.sampler = sampler  # (model) -> PIL grid, for progress samples
 
