@@ -66,11 +66,9 @@ class ShapesModelRecipe:
                                              ema_decay=None, checkpoint_every=100)  # full 64x64 images
     clip_width: int = 128  # both towers
     clip_layers: int = 3  # both towers
-    clip_train: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=50,
-                                          weight_decay=0.1, ema_decay=None, checkpoint_every=100)
-    # NegCLIP: each two-object caption's reversed/rebound versions among the texts; off, because
-    # with them (1,500 steps) the colour words' states lost their colour (README, The bundled model)
-    clip_hard_negatives: bool = False
+    clip_train: TrainConfig = TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50,
+                                          weight_decay=0.1, ema_decay=None, checkpoint_every=250)
+    clip_hard_negatives: bool = True  # NegCLIP: each two-object caption's reversed/rebound versions
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
