@@ -155,6 +155,8 @@ def test_text_alignment_reports_groups_and_attributes(classifier):
     assert report["one_object"]["attributes"]["size"] == pytest.approx(0.75)
     assert report["one_object"]["attributes"]["relation"] is None
     assert report["two_object"]["attributes"]["relation"] == pytest.approx(0.75)
+    assert report["two_object"]["relation_where_objects_right"] == pytest.approx(0.75)  # the wrong one: objects right
+    assert report["one_object"]["relation_where_objects_right"] is None
     assert report["all"]["attributes"]["count"] == 1.0 and report["all"]["images"] == 8
 
 

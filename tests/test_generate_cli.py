@@ -66,7 +66,7 @@ def regenerate_argv(p: dict, out) -> list[str]:
     """The command line that remakes an image from its recorded parameters."""
     argv = ["generate", p["prompt"], "--model", p["model"], "--negative-prompt", p["negative_prompt"],
             "--sampler", p["sampler"], "--steps", str(p["steps"]), "--cfg-scale", str(p["cfg_scale"]),
-            "--seed", str(p["seed"]), "--height", str(p["height"]), "--width", str(p["width"]),
+            "--cfg-rescale", str(p["cfg_rescale"]), "--seed", str(p["seed"]), "--height", str(p["height"]), "--width", str(p["width"]),
             "--precision", p["precision"], "--device", p["device"], "--out", str(out)]
     argv += ["--karras"] if p["karras"] else []
     argv += [] if p["eta"] is None else ["--eta", str(p["eta"])]
@@ -101,10 +101,12 @@ def test_random_seed_is_printed_and_recorded(model, tmp_path, capsys):
 
 def test_recorded_parameters_regenerate_identical_pixels(model, tmp_path):
     out = tmp_path / "many.png"
-    assert generate(model, out, "--seed", "7", "--num-images", "3", "--batch-size", "3", "--cfg-scale", "4") == 0
+    assert generate(model, out, "--seed", "7", "--num-images", "3", "--batch-size", "3", "--cfg-scale", "4",
+                    "--cfg-rescale", "0.5") == 0
     paths = [tmp_path / f"many-{k}.png" for k in range(3)]
     assert [read_parameters(p)["seed"] for p in paths] == [7, 8, 9]
     params = read_parameters(paths[2])
+    assert params["cfg_rescale"] == 0.5
     assert main(regenerate_argv(params, tmp_path / "again.png")) == 0  # alone, not in a batch
     assert np.array_equal(pixels(tmp_path / "again.png"), pixels(paths[2]))
     assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
@@ -151,6 +153,8 @@ BAD_INPUTS = {
     "strength without image": ["--strength", "0.5"],
     "negative cfg": ["--cfg-scale", "-1"],
     "nan cfg": ["--cfg-scale", "nan"],
+    "cfg rescale above 1": ["--cfg-rescale", "1.5"],
+    "nan cfg rescale": ["--cfg-rescale", "nan"],
     "no images": ["--num-images", "0"],
     "zero batch": ["--batch-size", "0"],
     "unknown sampler": ["--sampler", "magic"],

@@ -134,6 +134,33 @@ def test_txt2img_matches_diffusers(parts, sampler):
     assert diff <= TOL
 
 
+ZERO_SNR_V = {**SD15_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+              "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_guidance_rescale_matches_diffusers(parts, sampler):
+    """cfg_rescale is diffusers' guidance_rescale, on a zero-terminal-SNR v-prediction schedule
+    (what it is for); the rescale must also change the image, or the comparison shows nothing."""
+    scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampler]).from_config(ZERO_SNR_V)
+    pipe = diffusers.StableDiffusionPipeline(unet=parts["unet"], scheduler=scheduler, **parts["theirs"])
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, guidance_rescale=0.7,
+                  height=SIZE, width=SIZE, generator=seeded(13), output_type="np").images
+    ours_sd = parts["ours"]
+    ours_sd = StableDiffusion(ours_sd.unet, ours_sd.vae, ours_sd.text_encoder, ours_sd.tokenizer,
+                              NoiseSchedule(ScheduleConfig.from_dict(ZERO_SNR_V)))
+    run = lambda rescale: ours_sd.txt2img(PROMPT, NEGATIVE, sampler=sampler, steps=4, cfg_scale=7.5,  # noqa: E731
+                                          cfg_rescale=rescale, height=SIZE, width=SIZE, seed=seeded(13),
+                                          output="tensor")
+    ours = run(0.7)
+    assert_not_flat(theirs)
+    diff = max_diff(ours, theirs)
+    print(f"guidance rescale {sampler}: max |diff| = {diff:.2e}")
+    assert diff <= TOL
+    assert (ours - run(0.0)).abs().max() > 10 * TOL
+
+
 # Starting part-way (img2img, inpainting with strength < 1), two diffusers schedulers do not follow
 # their own full-length trajectory from the start point, while ldmkit runs the truncated plan
 # exactly as a run that started there (the same rule for every sampler):
@@ -254,6 +281,8 @@ def test_four_channel_inpainting_keeps_the_known_region(parts):
     (dict(sampler="dpm_fast"), "unknown sampler"),
     (dict(output="jpeg"), "unknown output"),
     (dict(num_images=0), "num_images"),
+    (dict(cfg_rescale=1.5), "cfg_rescale must be"),
+    (dict(cfg_rescale=float("nan")), "cfg_rescale must be"),
     (dict(seed=[torch.Generator()] * 3), "one torch.Generator per image"),
     (dict(seed="7"), "seed must be"),
     (dict(sampler="ddim", karras=True), "Karras"),

@@ -121,6 +121,8 @@ def add_generate(sub) -> None:
     p.add_argument("--karras", action="store_true", help="Karras sigmas (lms, euler, euler_a, heun, dpmpp_2m)")
     p.add_argument("--steps", type=int, default=25, help=f"sampling steps, 1..{MAX_STEPS} (default 25)")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0,
+                   help="guidance rescale, 0..1 (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default 0)")
     p.add_argument("--eta", type=float, help="noise of ddim (default 0), ddpm and euler_a (default 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image k uses SEED+k (default: random, printed)")
     p.add_argument("--height", type=int, help="pixels (default: the model's training size, or the init image's)")
@@ -154,6 +156,7 @@ def _check_generate_args(args) -> None:
     problems = (
         (not 1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}"),
         (not (finite(args.cfg_scale) and args.cfg_scale >= 0), f"--cfg-scale must be >= 0, got {args.cfg_scale}"),
+        (not 0 <= args.cfg_rescale <= 1, f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}"),
         (args.num_images < 1, f"--num-images must be >= 1, got {args.num_images}"),
         (args.batch_size is not None and args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.seed is not None and not 0 <= args.seed <= 2**63 - 1 - args.num_images,
@@ -257,7 +260,8 @@ def _plan_job(args, pipe, init, mask, model_path: Path) -> _Job:
     steps = pipe.plan(args.sampler, args.steps, args.karras, 1.0 if strength is None else strength).steps
     parameters = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "sampler": args.sampler,
-        "karras": args.karras, "steps": args.steps, "cfg_scale": args.cfg_scale, "eta": args.eta,
+        "karras": args.karras, "steps": args.steps, "cfg_scale": args.cfg_scale,
+        "cfg_rescale": args.cfg_rescale, "eta": args.eta,
         "height": height, "width": width, "strength": strength,
         "init_image": None if init is None else str(args.init_image),
         "mask": None if mask is None else str(args.mask),
@@ -276,7 +280,8 @@ def _plan_job(args, pipe, init, mask, model_path: Path) -> _Job:
 def _generate_batch(pipe, args, job: _Job, generators: list, callback) -> list:
     """PIL images for one pipeline call: one image per generator."""
     common = dict(negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
-                  cfg_scale=args.cfg_scale, eta=args.eta, karras=args.karras, num_images=len(generators),
+                  cfg_scale=args.cfg_scale, cfg_rescale=args.cfg_rescale, eta=args.eta, karras=args.karras,
+                  num_images=len(generators),
                   seed=generators, callback=callback)
     if job.mask is not None:
         return pipe.inpaint(args.prompt, job.init, job.mask, strength=job.strength, **common)

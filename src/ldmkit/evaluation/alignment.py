@@ -98,7 +98,8 @@ def _rate(values: list) -> float | None:
 
 
 def summarize(judgements: list[dict]) -> dict:
-    """Fraction fully right and per-attribute accuracies, for one- and two-object prompts apart."""
+    """Fraction fully right, per-attribute accuracies and the relation's accuracy among images
+    whose objects are right, for one- and two-object prompts apart."""
     groups = {
         "one_object": [j for j in judgements if parse_caption(j["prompt"]).relation is None],
         "two_object": [j for j in judgements if parse_caption(j["prompt"]).relation is not None],
@@ -110,6 +111,9 @@ def summarize(judgements: list[dict]) -> dict:
             "correct": _rate([j["correct"] for j in js]),
             "images": len(js),
             "attributes": {a: _rate([j[a] for j in js]) for a in ATTRIBUTES},
+            # where a model draws both named objects right, does it also put them where the prompt
+            # says? A model that ignores the relation words scores about 0.5 here
+            "relation_where_objects_right": _rate([j["relation"] for j in js if j["objects"]]),
         }
     return report
 

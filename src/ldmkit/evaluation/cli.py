@@ -2,7 +2,7 @@
 
     ldmkit eval shapes [--model PATH] [--prompts heldout|train|both | --prompts-file FILE]
                        [--num-per-prompt K] [--steps 25] [--sampler dpmpp_2m] [--cfg-scale S]
-                       [--seed 0] [--out FILE] [--grid FILE] [--save-images DIR]
+                       [--cfg-rescale R] [--seed 0] [--out FILE] [--grid FILE] [--save-images DIR]
     ldmkit eval classifier {shapes,digits} [--seed 0] [--steps N] [--out FILE]
 
 An independent checker brings its own prompts (`--prompts-file`, one shapes caption per line)
@@ -50,6 +50,7 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0, help="guidance rescale, 0..1 (default 0)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -101,6 +102,7 @@ def _check_shapes_args(args) -> None:
         (args.seed < 0, f"--seed must be >= 0, got {args.seed}"),
         (not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0),
          f"--cfg-scale must be >= 0, got {args.cfg_scale}"),
+        (not 0 <= args.cfg_rescale <= 1, f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}"),
         (args.out is not None and args.out.suffix.lower() != ".json", f"--out must be a .json path, got {args.out}"),
         (args.grid is not None and args.grid.suffix.lower() != ".png", f"--grid must be a .png path, got {args.grid}"),
     )
@@ -139,7 +141,7 @@ def _save_images(folder: Path, name: str, images: list, report: dict) -> None:
         path = save_png(image, folder / f"{name}-{index:05d}.png",
                         {"prompt": verdict["prompt"], "seed": settings["seed"] + index,  # image k: seed + k
                          "steps": settings["steps"], "sampler": settings["sampler"],
-                         "cfg_scale": settings["cfg_scale"]})
+                         "cfg_scale": settings["cfg_scale"], "cfg_rescale": settings["cfg_rescale"]})
         verdict["file"] = path.name
 
 
@@ -154,7 +156,8 @@ def _print_summary(name: str, report: dict) -> None:
           f"two-object {_fmt(a['two_object']['correct'])} ({a['two_object']['images']} images), "
           f"FID {report['fid']:.2f}")
     attrs = a["all"]["attributes"]
-    print(f"[{name}] per attribute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in attrs.items()))
+    print(f"[{name}] per attribute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in attrs.items())
+          + f"; relation where both objects are right {_fmt(a['two_object']['relation_where_objects_right'])}")
     check = report["geometry_check"]
     g, agree = check["alignment"], check["agreement"]
     print(f"[{name}] rule-based judge: one-object {_fmt(g['one_object']['correct'])}, two-object "
@@ -186,7 +189,7 @@ def _run_shapes(args) -> int:
         report = evaluate_shapes_model(
             pipe, prompts, args.num_per_prompt, args.steps, args.sampler, args.cfg_scale, args.seed,
             args.batch_size, classifier, progress=lambda done, total: bar.update(done - bar.n),
-            keep_images=args.grid is not None or args.save_images is not None)
+            keep_images=args.grid is not None or args.save_images is not None, cfg_rescale=args.cfg_rescale)
         bar.close()
         images = report.pop("images", [])
         if args.save_images is not None:

@@ -81,6 +81,7 @@ def generate_images(
     size: int | None = None,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    cfg_rescale: float = 0.0,
 ) -> list:
     """PIL images, `num_per_prompt` consecutive per prompt; image k draws from seed + k alone.
 
@@ -97,8 +98,8 @@ def generate_images(
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start:start + batch_size]
         generators = seed_generators(seed + start, len(chunk))
-        images += pipe.txt2img(chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, height=size,
-                               width=size, seed=generators)
+        images += pipe.txt2img(chunk, sampler=sampler, steps=steps, cfg_scale=cfg_scale, cfg_rescale=cfg_rescale,
+                               height=size, width=size, seed=generators)
         if progress:
             progress(len(images), len(expanded))
     return images
@@ -117,6 +118,7 @@ def evaluate_shapes_model(
     progress: Callable[[int, int], None] | None = None,  # progress(done, total) after each batch
     keep_images: bool = False,  # also return the generated PIL images under "images"
     min_real_images: int = MIN_REAL_IMAGES,  # size of the real side of the FID (at least)
+    cfg_rescale: float = 0.0,  # guidance rescale (0: plain classifier-free guidance)
 ) -> dict:
     """Generate images for `prompts` with a StableDiffusion and score them (score_shapes_images).
 
@@ -125,10 +127,10 @@ def evaluate_shapes_model(
     start = time.time()
     with torch.no_grad():
         images = generate_images(pipe, prompts, num_per_prompt, steps, sampler, cfg_scale, seed,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, cfg_rescale=cfg_rescale)
     report = score_shapes_images(prompts, images, num_per_prompt, classifier, min_real_images=min_real_images)
     report["settings"] = {"prompts": len(prompts), "num_per_prompt": num_per_prompt, "steps": steps,
-                          "sampler": sampler, "cfg_scale": cfg_scale, "seed": seed}
+                          "sampler": sampler, "cfg_scale": cfg_scale, "cfg_rescale": cfg_rescale, "seed": seed}
     report["seconds"] = round(time.time() - start, 1)
     if keep_images:
         report["images"] = images

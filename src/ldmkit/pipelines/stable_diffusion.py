@@ -58,7 +58,8 @@ def _as_prompts(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
     return prompts
 
 
-def _check_common(sampler: str, steps: int, cfg_scale: float, num_images: int, output: str) -> None:
+def _check_common(sampler: str, steps: int, cfg_scale: float, num_images: int, output: str,
+                  cfg_rescale: float = 0.0) -> None:
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("output", output, OUTPUTS)
     if not isinstance(steps, int) or steps < 1:
@@ -67,6 +68,8 @@ def _check_common(sampler: str, steps: int, cfg_scale: float, num_images: int, o
         raise InvalidArgument(f"num_images must be an integer >= 1, got {num_images!r}")
     if not math.isfinite(cfg_scale):
         raise InvalidArgument(f"cfg_scale must be a finite number, got {cfg_scale}")
+    if not 0.0 <= cfg_rescale <= 1.0:
+        raise InvalidArgument(f"cfg_rescale must be between 0 and 1, got {cfg_rescale}")
 
 
 def _check_strength(strength: float) -> None:
@@ -246,9 +249,9 @@ class StableDiffusion:
         dtype = next(self.unet.parameters()).dtype
         return self.unet(x.to(dtype), t, context.to(dtype)).float()
 
-    def _denoiser(self, plan: SamplingPlan, cond: dict, uncond: dict, cfg_scale: float):
+    def _denoiser(self, plan: SamplingPlan, cond: dict, uncond: dict, cfg_scale: float, cfg_rescale: float = 0.0):
         denoiser = Denoiser(self._network, self.schedule, quantize_timesteps=plan.quantize_timesteps)
-        return classifier_free_guidance(denoiser, cond, uncond, cfg_scale)
+        return classifier_free_guidance(denoiser, cond, uncond, cfg_scale, cfg_rescale)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch: int, generator: Generators,
@@ -311,8 +314,8 @@ class StableDiffusion:
 
     @torch.no_grad()
     def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
-                sampler: str = "pndm", steps: int = 50, cfg_scale: float = 7.5, eta: float | None = None,
-                karras: bool = False, height: int = 512, width: int = 512, num_images: int = 1,
+                sampler: str = "pndm", steps: int = 50, cfg_scale: float = 7.5, cfg_rescale: float = 0.0,
+                eta: float | None = None, karras: bool = False, height: int = 512, width: int = 512, num_images: int = 1,
                 seed: int | Generators | None = None, output: str = "pil", callback: Callback = None,
                 guidance: Guidance | None = None):
         """Images for `prompt` (one or a list), `num_images` each, from pure noise.
@@ -323,7 +326,7 @@ class StableDiffusion:
         (B, 3, H, W) tensor in [0, 1] or the latents.
         """
         prompts, negative = _as_prompts(prompt), _as_prompts(negative_prompt, "negative_prompt")
-        _check_common(sampler, steps, cfg_scale, num_images, output)
+        _check_common(sampler, steps, cfg_scale, num_images, output, cfg_rescale)
         self._check_size(height, width)
         if self.is_inpainting_model:
             raise InvalidArgument("this is an inpainting U-Net; use inpaint()")
@@ -333,7 +336,7 @@ class StableDiffusion:
         cond, uncond = self.encode_prompt(prompts, negative, num_images)
         shape = (batch, self.latent_channels, height // self.downscale, width // self.downscale)
         x = gaussian_noise(shape, generator, self.device) * plan.init_noise_scale
-        denoiser = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale)
+        denoiser = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale, cfg_rescale)
         if guidance is not None:
             denoiser = guidance(denoiser)
         return self._finish(self._sample(plan, denoiser, x, eta, generator, callback), output)
@@ -341,15 +344,16 @@ class StableDiffusion:
     @torch.no_grad()
     def img2img(self, prompt: str | Sequence[str], image: ImageInput, strength: float = 0.8,
                 negative_prompt: str | Sequence[str] = "", *, sampler: str = "pndm", steps: int = 50,
-                cfg_scale: float = 7.5, eta: float | None = None, karras: bool = False, num_images: int = 1,
-                seed: int | Generators | None = None, output: str = "pil", callback: Callback = None):
+                cfg_scale: float = 7.5, cfg_rescale: float = 0.0, eta: float | None = None, karras: bool = False,
+                num_images: int = 1, seed: int | Generators | None = None, output: str = "pil",
+                callback: Callback = None):
         """Re-imagine `image`: noise its latents to the level `strength` of the way (0: unchanged,
         1: pure noise) and run the last int(steps * strength) steps from there.
 
         PIL images are cut down to multiples of 8 (Lanczos resize); tensors must already fit.
         """
         prompts, negative = _as_prompts(prompt), _as_prompts(negative_prompt, "negative_prompt")
-        _check_common(sampler, steps, cfg_scale, num_images, output)
+        _check_common(sampler, steps, cfg_scale, num_images, output, cfg_rescale)
         _check_strength(strength)
         if self.is_inpainting_model:
             raise InvalidArgument("this is an inpainting U-Net; use inpaint()")
@@ -362,15 +366,15 @@ class StableDiffusion:
         x0 = self.encode_images(pixels, batch, generator)
         noise = gaussian_noise(x0.shape, generator, self.device)
         x = x0 + noise * float(plan.sigmas[0])  # q(x_t | x0) in the VE view
-        denoiser = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale)
+        denoiser = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale, cfg_rescale)
         return self._finish(self._sample(plan, denoiser, x, eta, generator, callback), output)
 
     @torch.no_grad()
     def inpaint(self, prompt: str | Sequence[str], image: ImageInput, mask: MaskInput,
                 negative_prompt: str | Sequence[str] = "", *, strength: float = 1.0, sampler: str = "pndm",
-                steps: int = 50, cfg_scale: float = 7.5, eta: float | None = None, karras: bool = False,
-                num_images: int = 1, seed: int | Generators | None = None, output: str = "pil",
-                callback: Callback = None):
+                steps: int = 50, cfg_scale: float = 7.5, cfg_rescale: float = 0.0, eta: float | None = None,
+                karras: bool = False, num_images: int = 1, seed: int | Generators | None = None,
+                output: str = "pil", callback: Callback = None):
         """Repaint the white part of `mask` in `image` (same size) to fit `prompt`.
 
         Inpainting U-Nets (9 input channels) see [latents, mask, masked-image latents] at every
@@ -380,7 +384,7 @@ class StableDiffusion:
         to the next sigma (for the deterministic samplers exactly diffusers' re-noise-and-blend).
         """
         prompts, negative = _as_prompts(prompt), _as_prompts(negative_prompt, "negative_prompt")
-        _check_common(sampler, steps, cfg_scale, num_images, output)
+        _check_common(sampler, steps, cfg_scale, num_images, output, cfg_rescale)
         _check_strength(strength)
         in_ch = self.unet.config.in_channels
         if in_ch not in (self.latent_channels, 2 * self.latent_channels + 1):
@@ -409,10 +413,10 @@ class StableDiffusion:
             masked_latents = self.encode_images(masked, batch, generator, normalized=True)
             cond_image = torch.cat([latent_mask, masked_latents], dim=1)  # (B, 1 + C, h, w)
             denoiser = self._denoiser(plan, {"context": cond, "cond_image": cond_image},
-                                      {"context": uncond, "cond_image": cond_image}, cfg_scale)
+                                      {"context": uncond, "cond_image": cond_image}, cfg_scale, cfg_rescale)
         else:
             x = latent_mask * x + (1 - latent_mask) * (known + noise * float(plan.sigmas[0]))
-            guided = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale)
+            guided = self._denoiser(plan, {"context": cond}, {"context": uncond}, cfg_scale, cfg_rescale)
 
             def denoiser(x_: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
                 return latent_mask * guided(x_, sigma, **kwargs) + (1 - latent_mask) * known
