@@ -225,7 +225,7 @@ class RenderingPipe:
         self.swap_colors = swap_colors
         self.calls = []
 
-    def txt2img(self, prompts, *, sampler, steps, cfg_scale, height, width, seed):
+    def txt2img(self, prompts, *, sampler, steps, cfg_scale, cfg_rescale, height, width, seed):
         self.calls.append(len(prompts))
         images = []
         for prompt, generator in zip(prompts, seed):

@@ -115,6 +115,54 @@ def test_clip_stage_adds_each_captions_hard_negatives_after_the_batch(tmp_path):
     Trainer(stage, TrainConfig(steps=2, batch_size=6, warmup_steps=1, ema_decay=None), tmp_path, progress=False).train()
 
 
+def test_clip_stage_word_keeping_term_names_each_word_from_its_state(tmp_path):
+    """The term is the cross-entropy of every word token's id read from its own last hidden state
+    (start, end and padding left out), added to the contrastive loss with its weight; training
+    with it makes the states name their words, so "left" and "right" stay apart."""
+    from ldmkit.models.clip import CLIPModel
+    from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
+    from ldmkit.training.stages import CLIPStage
+    from ldmkit.training.trainer import TrainConfig, Trainer
+
+    images, captions = render_scenes(64, 64, seed=4, one_object_fraction=0.0)
+    tokenizer = shapes_tokenizer(captions)
+    torch.manual_seed(0)
+    stage = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
+                      token_loss_weight=0.5)
+    batch = stage.batch(list(range(8)))
+    total, scalars = stage.loss(stage.model, batch, None)
+    out = stage.model(batch["ids"], batch["pixels"], return_loss=True)
+    table = stage.model.text_model.embeddings.token_embedding.weight
+    by_hand = []
+    for k, (row, states) in enumerate(zip(batch["ids"].tolist(), out.text_hidden_state)):
+        words = [j for j, i in enumerate(row) if i not in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)]
+        assert len(words) == len(captions[k].split())  # a word-level vocabulary: one token per word
+        by_hand += [torch.nn.functional.cross_entropy(states[j] @ table.t(), torch.tensor(row[j])) for j in words]
+    expected = torch.stack(by_hand).mean()
+    assert scalars["token_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert total.item() == pytest.approx(out.loss.item() + 0.5 * expected.item(), rel=1e-5)
+
+    def relation_word_states(weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a short training with this weight: the states of "left" and "right" in two
+        captions that differ only there, and the word each of them names."""
+        torch.manual_seed(0)
+        trained = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
+                            token_loss_weight=weight)
+        Trainer(trained, TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=None),
+                tmp_path / str(weight), progress=False).train()
+        with torch.no_grad():
+            states = trained.model.text_model(ids)[0][:, where]  # (2, D)
+        return states, (states @ trained.model.text_model.embeddings.token_embedding.weight.t()).argmax(-1)
+
+    ids = tokenizer(["a red circle to the left of a blue square", "a red circle to the right of a blue square"])
+    where = (ids[0] != ids[1]).nonzero()[0].item()
+    kept, named = relation_word_states(1.0)
+    plain, _ = relation_word_states(0.0)
+    cosine = lambda s: torch.cosine_similarity(s[0], s[1], dim=0).item()  # noqa: E731
+    assert torch.equal(named, ids[:, where])
+    assert cosine(kept) < cosine(plain) - 0.05, (cosine(kept), cosine(plain))
+
+
 def test_min_snr_weighting_scales_each_rows_loss_by_its_timesteps_weight():
     """Same rows, same randomness: the weighted loss is the plain one times min(SNR, 5) / SNR,
     so a nearly clean row counts less and a noisy one (SNR below 5) counts in full."""

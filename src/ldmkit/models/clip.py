@@ -551,6 +551,7 @@ class CLIPOutput:
     text_embeds: torch.Tensor  # (B_text, P) unit-norm text embeddings
     image_embeds: torch.Tensor  # (B_image, P) unit-norm image embeddings
     loss: torch.Tensor | None  # () symmetric contrastive loss, when asked for
+    text_hidden_state: torch.Tensor | None = None  # (B_text, T, D) the text tower's last hidden state
 
 
 def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
@@ -601,11 +602,12 @@ class CLIPModel(nn.Module):
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, return_loss: bool = False
     ) -> CLIPOutput:
         """Scaled cosine similarities between every text and every image, and optionally the loss."""
-        text = self.encode_text(input_ids, normalize=True)  # (Bt, P)
+        text_states, _, pooled = self.text_model(input_ids)
+        text = F.normalize(self.text_projection(pooled), dim=-1)  # (Bt, P)
         image = self.encode_image(pixel_values, normalize=True)  # (Bi, P)
         logits_per_text = self.logit_scale.exp() * text @ image.t()  # (Bt, Bi)
         loss = contrastive_loss(logits_per_text) if return_loss else None
-        return CLIPOutput(logits_per_text, logits_per_text.t(), text, image, loss)
+        return CLIPOutput(logits_per_text, logits_per_text.t(), text, image, loss, text_states)
 
 
 @torch.no_grad()
