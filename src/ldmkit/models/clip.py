@@ -589,6 +589,9 @@ class CLIPModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Projected text embeddings (B, P) of ids (B, T)."""
         _, _, pooled = self.text_model(input_ids)
+        return self._project_text(pooled, normalize)
+
+    def _project_text(self, pooled: torch.Tensor, normalize: bool) -> torch.Tensor:
         embeds = self.text_projection(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
@@ -602,8 +605,8 @@ class CLIPModel(nn.Module):
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, return_loss: bool = False
     ) -> CLIPOutput:
         """Scaled cosine similarities between every text and every image, and optionally the loss."""
-        text_states, _, pooled = self.text_model(input_ids)
-        text = F.normalize(self.text_projection(pooled), dim=-1)  # (Bt, P)
+        text_states, _, pooled = self.text_model(input_ids)  # the states too, for CLIPStage's word-keeping term
+        text = self._project_text(pooled, normalize=True)  # (Bt, P)
         image = self.encode_image(pixel_values, normalize=True)  # (Bi, P)
         logits_per_text = self.logit_scale.exp() * text @ image.t()  # (Bt, Bi)
         loss = contrastive_loss(logits_per_text) if return_loss else None

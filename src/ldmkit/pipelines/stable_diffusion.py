@@ -315,9 +315,9 @@ class StableDiffusion:
     @torch.no_grad()
     def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                 sampler: str = "pndm", steps: int = 50, cfg_scale: float = 7.5, cfg_rescale: float = 0.0,
-                eta: float | None = None, karras: bool = False, height: int = 512, width: int = 512, num_images: int = 1,
-                seed: int | Generators | None = None, output: str = "pil", callback: Callback = None,
-                guidance: Guidance | None = None):
+                eta: float | None = None, karras: bool = False, height: int = 512, width: int = 512,
+                num_images: int = 1, seed: int | Generators | None = None, output: str = "pil",
+                callback: Callback = None, guidance: Guidance | None = None):
         """Images for `prompt` (one or a list), `num_images` each, from pure noise.
 
         seed: an int, a CPU torch.Generator, or one generator per image (then a batch equals the
