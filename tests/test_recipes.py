@@ -163,6 +163,36 @@ def test_clip_stage_word_keeping_term_names_each_word_from_its_state(tmp_path):
     assert cosine(kept) < cosine(plain) - 0.05, (cosine(kept), cosine(plain))
 
 
+def test_clip_stage_context_term_also_names_the_words_before_each_word():
+    """With token_context k, a word's target is half its own word and half the up to k words
+    before it (start, end and padding are not words): checked against a by-hand sum."""
+    from ldmkit.models.clip import CLIPModel
+    from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
+    from ldmkit.training.stages import CLIPStage
+
+    images, captions = render_scenes(8, 64, seed=4, one_object_fraction=0.5)
+    tokenizer = shapes_tokenizer(captions)
+    torch.manual_seed(0)
+    stage = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
+                      token_loss_weight=1.0, token_context=2)
+    batch = stage.batch(list(range(8)))
+    _, scalars = stage.loss(stage.model, batch, None)
+    out = stage.model(batch["ids"], batch["pixels"], return_loss=True)
+    table = stage.model.text_model.embeddings.token_embedding.weight
+    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    by_hand = []
+    for row, states in zip(batch["ids"].tolist(), out.text_hidden_state):
+        words = [j for j, i in enumerate(row) if i not in special]
+        for j in words:
+            log_p = torch.log_softmax(states[j] @ table.t(), dim=-1)
+            earlier = [row[i] for i in (j - 1, j - 2) if i in words]
+            loss = -log_p[row[j]]
+            if earlier:
+                loss = (loss - sum(log_p[i] for i in earlier) / len(earlier)) / 2
+            by_hand.append(loss)
+    assert scalars["token_loss"] == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
+
+
 def test_min_snr_weighting_scales_each_rows_loss_by_its_timesteps_weight():
     """Same rows, same randomness: the weighted loss is the plain one times min(SNR, 5) / SNR,
     so a nearly clean row counts less and a noisy one (SNR below 5) counts in full."""

@@ -70,6 +70,7 @@ class ShapesModelRecipe:
                                           weight_decay=0.1, ema_decay=None, checkpoint_every=250)
     clip_hard_negatives: bool = True  # NegCLIP: each two-object caption's reversed/rebound versions
     clip_token_loss: float = 0.0  # weight of CLIPStage's word-keeping term; an ablation (README), off
+    clip_token_context: int = 0  # with it: how many earlier words each state must also name
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
@@ -195,7 +196,7 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     clip_stage = CLIPStage(CLIPModel(clip_config(recipe, tokenizer)), tokenizer, images, captions,
                            zero_shot=zero_shot_set(recipe),
                            hard_negatives=hard_negatives if recipe.clip_hard_negatives else None,
-                           token_loss_weight=recipe.clip_token_loss)
+                           token_loss_weight=recipe.clip_token_loss, token_context=recipe.clip_token_context)
     clip = run(clip_stage, recipe.clip_train).eval()
     summary["clip"]["zero_shot_accuracy_18_classes"] = clip_stage.zero_shot_accuracy(clip)
     summary["clip"]["hard_negative_accuracy"] = clip_stage.hard_negative_accuracy(clip, *hard_negative_set(recipe),

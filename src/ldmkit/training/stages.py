@@ -156,14 +156,18 @@ class CLIPStage:
     token embeddings). The contrastive loss trains only the end token; the other states, which a
     U-Net's cross-attention reads, are free to lose their words, and words that barely move that
     loss (the relation words of shapes captions) do: after one layer, "left" and "right" had
-    states with cosine similarity 0.995.
+    states with cosine similarity 0.995. With `token_context` k > 0 each state must also name the
+    k tokens before it (its target: half its own word, half those words), so that a word carries
+    what precedes it, as a relation before an object: a U-Net learned where to put an object from
+    such a token and not from a separate relation token.
     """
 
     name = "clip"
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: Sequence[str],
                  zero_shot: tuple[torch.Tensor, list[int], list[str]] | None = None,
-                 hard_negatives: Callable[[str], list[str]] | None = None, token_loss_weight: float = 0.0) -> None:
+                 hard_negatives: Callable[[str], list[str]] | None = None, token_loss_weight: float = 0.0,
+                 token_context: int = 0) -> None:
         if len(images) != len(captions):
             raise InvalidArgument(f"{len(images)} images but {len(captions)} captions")
         self.model, self.tokenizer = model, tokenizer
@@ -172,7 +176,7 @@ class CLIPStage:
         self.zero_shot = zero_shot  # (images uint8, labels, class prompts) for a held-out check
         # per row, the ids (K, T) of captions that reuse its words for another scene, tokenised once
         self.negative_ids = None if hard_negatives is None else _negative_ids(tokenizer, self.captions, hard_negatives)
-        self.token_loss_weight = token_loss_weight
+        self.token_loss_weight, self.token_context = token_loss_weight, token_context
 
     def __len__(self) -> int:
         return len(self.images)
@@ -196,10 +200,20 @@ class CLIPStage:
 
     def _token_loss(self, states: torch.Tensor, ids: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
         """Cross-entropy of each word token's id from its own state (B, T, D), read out with the
-        token embeddings; start, end and padding tokens are not words."""
+        token embeddings, and with `token_context` k, of the up to k words before it (together
+        weighted as much as its own); start, end and padding tokens are not words."""
         special = torch.tensor([self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id])
-        words = ~torch.isin(ids, special.to(ids.device))
-        return nn.functional.cross_entropy(states[words] @ embedding.weight.t(), ids[words])
+        words = ~torch.isin(ids, special.to(ids.device))  # (B, T)
+        log_probs = nn.functional.log_softmax(states[words] @ embedding.weight.t(), dim=-1)  # (W, V)
+        own = log_probs.gather(1, ids[words][:, None])[:, 0]  # (W,)
+        context, count = torch.zeros_like(own), torch.zeros_like(own)
+        for back in range(1, self.token_context + 1):
+            earlier = nn.functional.pad(ids, (back, 0), value=self.tokenizer.pad_id)[:, :-back]  # ids[t - back]
+            is_word = nn.functional.pad(words, (back, 0), value=False)[:, :-back][words]  # (W,)
+            context = context + log_probs.gather(1, earlier[words][:, None])[:, 0] * is_word
+            count = count + is_word
+        mixed = torch.where(count > 0, (own + context / count.clamp(min=1)) / 2, own)
+        return -mixed.mean()
 
     @torch.no_grad()
     def zero_shot_accuracy(self, model: CLIPModel) -> float | None:
