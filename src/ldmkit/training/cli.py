@@ -1,6 +1,6 @@
 """`ldmkit train`: the training recipes from the command line.
 
-    ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G]
+    ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G] [--clip-context K]
     ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
@@ -31,6 +31,8 @@ def add_train(sub) -> None:
     p.add_argument("--unet-steps", type=int, help="shapes-model --continue-from: U-Net steps (default 8000)")
     p.add_argument("--snr-gamma", type=float, metavar="G",
                    help="shapes-model: Min-SNR-G weights on the U-Net's loss (default: plain MSE)")
+    p.add_argument("--clip-context", type=int, metavar="K",
+                   help="shapes-model: CLIP's word-keeping term, each word's state also naming the K words before it")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -48,7 +50,11 @@ def run_train(args) -> int:
 
         if args.snr_gamma is not None and not args.snr_gamma > 0:
             raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
+        if args.clip_context is not None and not args.clip_context > 0:
+            raise InvalidArgument(f"--clip-context must be positive, got {args.clip_context}")
         recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
+        if args.clip_context:
+            recipe = replace(recipe, clip_token_loss=1.0, clip_token_context=args.clip_context)
         if args.continue_from is not None:
             train = replace(UNET_CONTINUE_TRAIN, steps=args.unet_steps or UNET_CONTINUE_TRAIN.steps, seed=args.seed)
             if args.quick:

@@ -157,9 +157,10 @@ class CLIPStage:
     U-Net's cross-attention reads, are free to lose their words, and words that barely move that
     loss (the relation words of shapes captions) do: after one layer, "left" and "right" had
     states with cosine similarity 0.995. With `token_context` k > 0 each state must also name the
-    k tokens before it (its target: half its own word, half those words), so that a word carries
-    what precedes it, as a relation before an object: a U-Net learned where to put an object from
-    such a token and not from a separate relation token.
+    up to k words before it (its target: half its own word, half those words), so that a word carries
+    what precedes it, such as the relation before the second object: a U-Net learns where to put
+    an object when the object's own tokens carry its role, not from a separate relation token
+    (README, "The binding, isolated").
     """
 
     name = "clip"
@@ -176,6 +177,8 @@ class CLIPStage:
         self.zero_shot = zero_shot  # (images uint8, labels, class prompts) for a held-out check
         # per row, the ids (K, T) of captions that reuse its words for another scene, tokenised once
         self.negative_ids = None if hard_negatives is None else _negative_ids(tokenizer, self.captions, hard_negatives)
+        if token_context < 0 or (token_context and not token_loss_weight):
+            raise InvalidArgument(f"token_context must be >= 0 and needs a token_loss_weight, got {token_context}")
         self.token_loss_weight, self.token_context = token_loss_weight, token_context
 
     def __len__(self) -> int:
