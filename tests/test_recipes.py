@@ -76,6 +76,17 @@ def test_a_non_positive_clip_context_is_a_one_line_error(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_clip_context_with_continue_from_is_a_one_line_error(tmp_path, capsys):
+    """--continue-from keeps the model's CLIP, so a CLIP option there would be silently ignored."""
+    from ldmkit.pipelines.load import BUNDLED_MODEL
+
+    assert main(["train", "shapes-model", "--continue-from", str(BUNDLED_MODEL), "--run-dir", str(tmp_path),
+                 "--clip-context", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ldmkit: error: --clip-context trains CLIP, which --continue-from keeps"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_resume_without_checkpoints_is_a_one_line_error(tmp_path, capsys):
     code = main(["train", "minimal", "--steps", "1", "--run-dir", str(tmp_path / "none"), "--resume"])
     assert code == 2
@@ -123,14 +134,40 @@ def test_clip_stage_adds_each_captions_hard_negatives_after_the_batch(tmp_path):
     Trainer(stage, TrainConfig(steps=2, batch_size=6, warmup_steps=1, ema_decay=None), tmp_path, progress=False).train()
 
 
-def test_clip_stage_word_keeping_term_names_each_word_from_its_state(tmp_path):
+@pytest.fixture(scope="module")
+def briefly_trained_clip(tmp_path_factory):
+    """CLIPs trained 150 steps on 64 two-object scenes, by (word-keeping weight, context), each
+    trained once for the tests that compare them; `.tokenizer` is their tokenizer."""
+    from ldmkit.models.clip import CLIPModel
+    from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
+    from ldmkit.training.stages import CLIPStage
+    from ldmkit.training.trainer import TrainConfig, Trainer
+
+    images, captions = render_scenes(64, 64, seed=4, one_object_fraction=0.0)
+    tokenizer = shapes_tokenizer(captions)
+    trained = {}
+
+    def train(weight: float, context: int = 0) -> CLIPModel:
+        if (weight, context) not in trained:
+            torch.manual_seed(0)
+            stage = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
+                              token_loss_weight=weight, token_context=context)
+            Trainer(stage, TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=None),
+                    tmp_path_factory.mktemp("clip"), progress=False).train()
+            trained[weight, context] = stage.model
+        return trained[weight, context]
+
+    train.tokenizer = tokenizer
+    return train
+
+
+def test_clip_stage_word_keeping_term_names_each_word_from_its_state(briefly_trained_clip):
     """The term is the cross-entropy of every word token's id read from its own last hidden state
     (start, end and padding left out), added to the contrastive loss with its weight; training
     with it makes the states name their words, so "left" and "right" stay apart."""
     from ldmkit.models.clip import CLIPModel
     from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
     from ldmkit.training.stages import CLIPStage
-    from ldmkit.training.trainer import TrainConfig, Trainer
 
     images, captions = render_scenes(64, 64, seed=4, one_object_fraction=0.0)
     tokenizer = shapes_tokenizer(captions)
@@ -153,14 +190,10 @@ def test_clip_stage_word_keeping_term_names_each_word_from_its_state(tmp_path):
     def relation_word_states(weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         """After a short training with this weight: the states of "left" and "right" in two
         captions that differ only there, and the word each of them names."""
-        torch.manual_seed(0)
-        trained = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
-                            token_loss_weight=weight)
-        Trainer(trained, TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=None),
-                tmp_path / str(weight), progress=False).train()
+        model = briefly_trained_clip(weight)
         with torch.no_grad():
-            states = trained.model.text_model(ids)[0][:, where]  # (2, D)
-        return states, (states @ trained.model.text_model.embeddings.token_embedding.weight.t()).argmax(-1)
+            states = model.text_model(ids)[0][:, where]  # (2, D)
+        return states, (states @ model.text_model.embeddings.token_embedding.weight.t()).argmax(-1)
 
     ids = tokenizer(["a red circle to the left of a blue square", "a red circle to the right of a blue square"])
     where = (ids[0] != ids[1]).nonzero()[0].item()
@@ -205,30 +238,20 @@ def test_clip_stage_context_term_also_names_the_words_before_each_word():
             CLIPStage(stage.model, tokenizer, images, captions, token_loss_weight=weight, token_context=context)
 
 
-def test_clip_stage_context_term_puts_the_relation_into_the_second_objects_state(tmp_path):
+def test_clip_stage_context_term_puts_the_relation_into_the_second_objects_state(briefly_trained_clip):
     """Trained with the context term, the last word of "... to the left of a blue square" names
     the relation before it: its state moves apart from the one in "... to the right of ...",
     more than with the word-keeping term alone, and it still names its own word."""
-    from ldmkit.models.clip import CLIPModel
-    from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
-    from ldmkit.training.stages import CLIPStage
-    from ldmkit.training.trainer import TrainConfig, Trainer
-
-    images, captions = render_scenes(64, 64, seed=4, one_object_fraction=0.0)
-    tokenizer = shapes_tokenizer(captions)
+    tokenizer = briefly_trained_clip.tokenizer
     ids = tokenizer(["a red circle to the left of a blue square", "a red circle to the right of a blue square"])
     last = len("a red circle to the left of a blue square".split())  # the "square" token (after the start)
     assert ids[0, last + 1] == tokenizer.eos_id  # one token per word
 
     def last_word_states(context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(0)
-        stage = CLIPStage(CLIPModel(clip_config(ShapesModelRecipe(), tokenizer)), tokenizer, images, captions,
-                          token_loss_weight=1.0, token_context=context)
-        Trainer(stage, TrainConfig(steps=150, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=None),
-                tmp_path / str(context), progress=False).train()
+        model = briefly_trained_clip(1.0, context)
         with torch.no_grad():
-            states = stage.model.text_model(ids)[0][:, last]  # (2, D)
-        return states, (states @ stage.model.text_model.embeddings.token_embedding.weight.t()).argmax(-1)
+            states = model.text_model(ids)[0][:, last]  # (2, D)
+        return states, (states @ model.text_model.embeddings.token_embedding.weight.t()).argmax(-1)
 
     with_context, named = last_word_states(4)
     plain, _ = last_word_states(0)

@@ -52,6 +52,8 @@ def run_train(args) -> int:
             raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
         if args.clip_context is not None and not args.clip_context > 0:
             raise InvalidArgument(f"--clip-context must be positive, got {args.clip_context}")
+        if args.clip_context and args.continue_from is not None:
+            raise InvalidArgument("--clip-context trains CLIP, which --continue-from keeps")
         recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
         if args.clip_context:
             recipe = replace(recipe, clip_token_loss=1.0, clip_token_context=args.clip_context)
