@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldmkit.cli import main
+from ldmkit.errors import InvalidArgument
 from ldmkit.pipelines.load import load_pipeline
 from ldmkit.training.trainer import checkpoint_paths
 
@@ -17,11 +18,12 @@ from ldmkit.training.trainer import checkpoint_paths
 def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     out = tmp_path / "model"
     assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-                 "--snr-gamma", "5", "--clip-context", "4"]) == 0
+                 "--snr-gamma", "5", "--clip-context", "4", "--high-noise-fraction", "0.5"]) == 0
     log = json.loads((out / "training.json").read_text())
     summary = log["summary"]
     assert log["recipe"]["snr_gamma"] == 5.0
     assert (log["recipe"]["clip_token_loss"], log["recipe"]["clip_token_context"]) == (1.0, 4)
+    assert log["recipe"]["high_noise_fraction"] == 0.5
     assert set(summary) >= {"vae", "clip", "unet", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
     for stage in ("vae", "clip", "unet"):
@@ -67,6 +69,13 @@ def test_a_non_positive_snr_gamma_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["ldmkit: error: --snr-gamma must be positive, got 0.0"]
     assert not any(tmp_path.iterdir())  # refused before anything was rendered or written
+
+
+def test_a_high_noise_fraction_outside_0_to_1_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path), "--high-noise-fraction", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ldmkit: error: --high-noise-fraction must be in [0, 1], got 2.0"]
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_non_positive_clip_context_is_a_one_line_error(tmp_path, capsys):
@@ -207,7 +216,6 @@ def test_clip_stage_word_keeping_term_names_each_word_from_its_state(briefly_tra
 def test_clip_stage_context_term_also_names_the_words_before_each_word():
     """With token_context k, a word's target is half its own word and half the up to k words
     before it (start, end and padding are not words): checked against a by-hand sum."""
-    from ldmkit.errors import InvalidArgument
     from ldmkit.models.clip import CLIPModel
     from ldmkit.training.shapes_model import ShapesModelRecipe, clip_config, render_scenes, shapes_tokenizer
     from ldmkit.training.stages import CLIPStage
@@ -287,3 +295,35 @@ def test_min_snr_weighting_scales_each_rows_loss_by_its_timesteps_weight():
     weights = min_snr_weights(schedule, t.randint(schedule.num_train_timesteps), 5.0, "epsilon").float()
     assert weights.min() < 1.0 and weights.max() == 1.0  # the draw has nearly clean rows and noisy ones
     torch.testing.assert_close(row_losses(5.0), row_losses(None) * weights)
+
+
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_tenth():
+    """The timesteps the U-Net sees: about 10% above 900 when uniform, 10% + 90% x 50% = 55% with
+    half of the rows sent there; with the fraction 0 the draw is exactly the plain one."""
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.training.stages import LatentUNetStage
+    from ldmkit.training.trainer import RowRandom
+
+    n = 2000
+    data = (torch.zeros(n, 4, 2, 2), torch.zeros(n, 4, 2, 2), torch.zeros(n, dtype=torch.long), torch.zeros(1, 3, 8),
+            torch.zeros(3, 8))
+
+    def timesteps_seen(fraction):
+        seen = []
+
+        def recorder(x, t, context):
+            seen.append(t)
+            return torch.zeros_like(x)
+
+        stage = LatentUNetStage(None, NoiseSchedule(), *data, high_noise_fraction=fraction)
+        stage.loss(recorder, stage.batch(list(range(n))), RowRandom(3, 0, list(range(n))))
+        return seen[0]
+
+    uniform, plain, half = timesteps_seen(0.0), RowRandom(3, 0, list(range(n))), timesteps_seen(0.5)
+    plain.randn(4, 2, 2), plain.rand()  # the stage draws these before the timesteps
+    assert torch.equal(uniform, plain.randint(1000).float())
+    assert abs((uniform >= 900).float().mean().item() - 0.10) < 0.03
+    assert abs((half >= 900).float().mean().item() - 0.55) < 0.04
+    assert half.min() >= 0 and half.max() <= 999 and (half < 900).any()
+    with pytest.raises(InvalidArgument, match="high-noise fraction"):
+        LatentUNetStage(None, NoiseSchedule(), *data, high_noise_fraction=1.5)

@@ -1,6 +1,7 @@
 """`ldmkit train`: the training recipes from the command line.
 
     ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G] [--clip-context K]
+                              [--high-noise-fraction F]
     ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
@@ -33,6 +34,8 @@ def add_train(sub) -> None:
                    help="shapes-model: Min-SNR-G weights on the U-Net's loss (default: plain MSE)")
     p.add_argument("--clip-context", type=int, metavar="K",
                    help="shapes-model: CLIP's word-keeping term, each word's state also naming the K words before it")
+    p.add_argument("--high-noise-fraction", type=float, metavar="F",
+                   help="shapes-model: this fraction of U-Net rows draws its timestep from the noisiest tenth")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -50,11 +53,15 @@ def run_train(args) -> int:
 
         if args.snr_gamma is not None and not args.snr_gamma > 0:
             raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
+        if args.high_noise_fraction is not None and not 0 <= args.high_noise_fraction <= 1:
+            raise InvalidArgument(f"--high-noise-fraction must be in [0, 1], got {args.high_noise_fraction}")
         if args.clip_context is not None and not args.clip_context > 0:
             raise InvalidArgument(f"--clip-context must be positive, got {args.clip_context}")
         if args.clip_context and args.continue_from is not None:
             raise InvalidArgument("--clip-context trains CLIP, which --continue-from keeps")
         recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
+        if args.high_noise_fraction is not None:
+            recipe = replace(recipe, high_noise_fraction=args.high_noise_fraction)
         if args.clip_context:
             recipe = replace(recipe, clip_token_loss=1.0, clip_token_context=args.clip_context)
         if args.continue_from is not None:

@@ -78,6 +78,7 @@ class ShapesModelRecipe:
                                           ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE (see README)
+    high_noise_fraction: float = 0.0  # of U-Net rows, timestep from the noisiest tenth (LatentUNetStage)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
 
     def quick(self) -> ShapesModelRecipe:
@@ -227,7 +228,8 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     torch.manual_seed(recipe.seed + 2)
     unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, inputs["mean"], inputs["std"], inputs["caption_ids"],
                                  inputs["contexts"], inputs["empty"], caption_dropout=recipe.caption_dropout,
-                                 snr_gamma=recipe.snr_gamma, sampler=sampler)
+                                 snr_gamma=recipe.snr_gamma, high_noise_fraction=recipe.high_noise_fraction,
+                                 sampler=sampler)
     unet = run(unet_stage, recipe.unet_train).eval()
     # the decoder alone, on whole images: sharper colours and edges, same latent space
     vae = run(VAEStage(recipe.vae, images, decoder_of=vae), recipe.decoder_train).vae.eval()
@@ -267,7 +269,8 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
     schedule = NoiseSchedule(comps.schedule_config)
     unet = comps.unet.train().requires_grad_(True)
     stage = LatentUNetStage(unet, schedule, inputs["mean"], inputs["std"], inputs["caption_ids"], inputs["contexts"],
-                            inputs["empty"], caption_dropout=recipe.caption_dropout, snr_gamma=recipe.snr_gamma)
+                            inputs["empty"], caption_dropout=recipe.caption_dropout, snr_gamma=recipe.snr_gamma,
+                            high_noise_fraction=recipe.high_noise_fraction)
     trainer = Trainer(stage, train, run_dir / "unet", progress=progress)
     if resume and (run_dir / "unet" / "checkpoints").is_dir():
         trainer.resume()

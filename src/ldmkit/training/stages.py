@@ -272,7 +272,9 @@ class LatentUNetStage:
     def __init__(self, unet: UNet, schedule: NoiseSchedule, latent_mean: torch.Tensor, latent_std: torch.Tensor,
                  caption_ids: torch.Tensor, contexts: torch.Tensor, empty_context: torch.Tensor,
                  caption_dropout: float = 0.1, snr_gamma: float | None = None,
-                 sampler: Callable | None = None) -> None:
+                 high_noise_fraction: float = 0.0, sampler: Callable | None = None) -> None:
+        if not 0.0 <= high_noise_fraction <= 1.0:
+            raise InvalidArgument(f"the high-noise fraction must be in [0, 1], got {high_noise_fraction}")
         self.model, self.schedule = unet, schedule
         self.latent_mean, self.latent_std = latent_mean, latent_std  # (N, C, h, w) each
         self.caption_ids = caption_ids  # (N,) index into contexts
@@ -281,6 +283,9 @@ class LatentUNetStage:
         # Min-SNR-gamma loss weights (None: plain MSE): rows at nearly clean timesteps (SNR above
         # gamma) count less, so that they do not outweigh the noisy ones where a layout is decided
         self.snr_gamma = snr_gamma
+        # This fraction of rows draws its timestep from the noisiest tenth of the schedule instead
+        # of all of it: a two-object layout is decided there, where uniform sampling spends 1 row in 10
+        self.high_noise_fraction = high_noise_fraction
         self.sampler = sampler  # (model) -> PIL grid, for progress samples
 
     def __len__(self) -> int:
@@ -295,7 +300,7 @@ class LatentUNetStage:
         x0 = mean + batch["std"] * rand.randn(*mean.shape[1:])
         drop = (rand.rand() < self.caption_dropout).view(-1, 1, 1)
         context = torch.where(drop, self.empty_context.to(batch["context"]), batch["context"])
-        t = rand.randint(self.schedule.num_train_timesteps)
+        t = self._timesteps(rand)
         noise = rand.randn(*mean.shape[1:])
         prediction = model(q_sample(self.schedule, x0, t, noise), t.float(), context)
         target = training_target(self.schedule.prediction_type, self.schedule, x0, t, noise)
@@ -303,6 +308,14 @@ class LatentUNetStage:
         if self.snr_gamma is not None:
             loss = loss * min_snr_weights(self.schedule, t, self.snr_gamma, self.schedule.prediction_type).to(loss)
         return loss, {}
+
+    def _timesteps(self, rand) -> torch.Tensor:
+        steps = self.schedule.num_train_timesteps
+        t = rand.randint(steps)
+        if self.high_noise_fraction > 0:  # extra draws only then: the plain stream stays as it was
+            high = rand.rand() < self.high_noise_fraction
+            t = torch.where(high, steps - 1 - t % max(steps // 10, 1), t)
+        return t
 
     def sample(self, model, step):
         return self.sampler(model) if self.sampler is not None else None
