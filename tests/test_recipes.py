@@ -18,12 +18,14 @@ from ldmkit.training.trainer import checkpoint_paths
 def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     out = tmp_path / "model"
     assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-                 "--snr-gamma", "5", "--clip-context", "4", "--high-noise-fraction", "0.5"]) == 0
+                 "--snr-gamma", "5", "--clip-context", "4", "--high-noise-fraction", "0.5", "--v-zero-snr"]) == 0
     log = json.loads((out / "training.json").read_text())
     summary = log["summary"]
     assert log["recipe"]["snr_gamma"] == 5.0
     assert (log["recipe"]["clip_token_loss"], log["recipe"]["clip_token_context"]) == (1.0, 4)
     assert log["recipe"]["high_noise_fraction"] == 0.5
+    assert log["recipe"]["schedule"]["prediction_type"] == "v_prediction"
+    assert log["recipe"]["schedule"]["rescale_betas_zero_snr"] is True
     assert set(summary) >= {"vae", "clip", "unet", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
     for stage in ("vae", "clip", "unet"):
@@ -85,14 +87,16 @@ def test_a_non_positive_clip_context_is_a_one_line_error(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_clip_context_with_continue_from_is_a_one_line_error(tmp_path, capsys):
-    """--continue-from keeps the model's CLIP, so a CLIP option there would be silently ignored."""
+@pytest.mark.parametrize("option, kept", [(["--clip-context", "4"], "--clip-context trains CLIP"),
+                                           (["--v-zero-snr"], "--v-zero-snr sets the noise schedule")])
+def test_a_clip_or_schedule_option_with_continue_from_is_a_one_line_error(tmp_path, capsys, option, kept):
+    """--continue-from keeps the model's CLIP and schedule, so options for them would be silently ignored."""
     from ldmkit.pipelines.load import BUNDLED_MODEL
 
     assert main(["train", "shapes-model", "--continue-from", str(BUNDLED_MODEL), "--run-dir", str(tmp_path),
-                 "--clip-context", "4"]) == 2
+                 *option]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ldmkit: error: --clip-context trains CLIP, which --continue-from keeps"]
+    assert len(err) == 1 and err[0].startswith(f"ldmkit: error: {kept}, which --continue-from keeps")
     assert not any(tmp_path.iterdir())
 
 

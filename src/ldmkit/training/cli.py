@@ -1,7 +1,7 @@
 """`ldmkit train`: the training recipes from the command line.
 
     ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G] [--clip-context K]
-                              [--high-noise-fraction F]
+                              [--high-noise-fraction F] [--v-zero-snr]
     ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
@@ -36,6 +36,8 @@ def add_train(sub) -> None:
                    help="shapes-model: CLIP's word-keeping term, each word's state also naming the K words before it")
     p.add_argument("--high-noise-fraction", type=float, metavar="F",
                    help="shapes-model: this fraction of U-Net rows draws its timestep from the noisiest tenth")
+    p.add_argument("--v-zero-snr", action="store_true",
+                   help="shapes-model: v targets on SD's betas rescaled to zero terminal SNR (trailing spacing)")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -49,7 +51,8 @@ def run_train(args) -> int:
     init_distributed()
     run_dir = args.run_dir or Path("runs") / args.recipe
     if args.recipe == "shapes-model":
-        from .shapes_model import UNET_CONTINUE_TRAIN, ShapesModelRecipe, continue_unet, train_shapes_model
+        from .shapes_model import (UNET_CONTINUE_TRAIN, V_ZERO_SNR_SCHEDULE, ShapesModelRecipe, continue_unet,
+                                   train_shapes_model)
 
         if args.snr_gamma is not None and not args.snr_gamma > 0:
             raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
@@ -59,9 +62,13 @@ def run_train(args) -> int:
             raise InvalidArgument(f"--clip-context must be positive, got {args.clip_context}")
         if args.clip_context and args.continue_from is not None:
             raise InvalidArgument("--clip-context trains CLIP, which --continue-from keeps")
+        if args.v_zero_snr and args.continue_from is not None:
+            raise InvalidArgument("--v-zero-snr sets the noise schedule, which --continue-from keeps")
         recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
         if args.high_noise_fraction is not None:
             recipe = replace(recipe, high_noise_fraction=args.high_noise_fraction)
+        if args.v_zero_snr:
+            recipe = replace(recipe, schedule=V_ZERO_SNR_SCHEDULE)
         if args.clip_context:
             recipe = replace(recipe, clip_token_loss=1.0, clip_token_context=args.clip_context)
         if args.continue_from is not None:

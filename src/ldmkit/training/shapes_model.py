@@ -47,6 +47,10 @@ SAMPLE_PROMPTS = (
     "a red circle to the left of a blue square", "a yellow triangle above a purple circle",
     "a green square below an orange triangle", "a blue circle to the right of a red triangle",
 )
+# v targets on SD's betas rescaled to zero terminal SNR (Lin et al. 2024): the last training step
+# is pure noise, so the layout must come from the caption, and the noisiest steps keep their weight
+V_ZERO_SNR_SCHEDULE = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing",
+                                     rescale_betas_zero_snr=True)
 
 
 @dataclass(frozen=True)
@@ -278,7 +282,9 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
     save_diffusers(replace(comps, unet=unet), out)
     log = json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else {}
     log.setdefault("summary", {}).setdefault("unet_continued", []).append({
-        "from": str(model), "train": _jsonable(asdict(train)), "final_loss": _tail_mean(trainer.history),
+        "from": str(model), "train": _jsonable(asdict(train)), "caption_dropout": recipe.caption_dropout,
+        "snr_gamma": recipe.snr_gamma, "high_noise_fraction": recipe.high_noise_fraction,
+        "final_loss": _tail_mean(trainer.history),
         "minutes": round((time.time() - started) / 60, 2)})
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return out
