@@ -2,7 +2,8 @@
 
     ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G] [--clip-context K]
                               [--high-noise-fraction F] [--v-zero-snr]
-    ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--out DIR] [--run-dir DIR] [--resume]
+    ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--high-noise-fraction F] [--out DIR]
+                              [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
     ldmkit train minimal      [--run-dir DIR] [--steps N] [--batch-size B] [--resume]
 
