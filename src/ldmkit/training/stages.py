@@ -314,6 +314,7 @@ class LatentUNetStage:
         t = rand.randint(steps)
         if self.high_noise_fraction > 0:  # extra draws only then: the plain stream stays as it was
             high = rand.rand() < self.high_noise_fraction
+            # the uniform draw taken modulo a tenth of the schedule is uniform over that tenth
             t = torch.where(high, steps - 1 - t % max(steps // 10, 1), t)
         return t
 
