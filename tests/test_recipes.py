@@ -18,17 +18,17 @@ from ldmkit.training.trainer import checkpoint_paths
 def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     out = tmp_path / "model"
     assert main(["train", "shapes-model", "--quick", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-                 "--snr-gamma", "5", "--clip-context", "4", "--high-noise-fraction", "0.5", "--v-zero-snr"]) == 0
+                 "--snr-gamma", "5", "--clip-context", "3", "--high-noise-fraction", "0.4"]) == 0
     log = json.loads((out / "training.json").read_text())
     summary = log["summary"]
     assert log["recipe"]["snr_gamma"] == 5.0
-    assert (log["recipe"]["clip_token_loss"], log["recipe"]["clip_token_context"]) == (1.0, 4)
-    assert log["recipe"]["high_noise_fraction"] == 0.5
-    assert log["recipe"]["schedule"]["prediction_type"] == "v_prediction"
+    assert (log["recipe"]["clip_token_loss"], log["recipe"]["clip_token_context"]) == (1.0, 3)
+    assert (log["recipe"]["high_noise_fraction"], log["recipe"]["refine_high_noise_fraction"]) == (0.4, 0.2)
+    assert log["recipe"]["schedule"]["prediction_type"] == "v_prediction"  # the default schedule
     assert log["recipe"]["schedule"]["rescale_betas_zero_snr"] is True
-    assert set(summary) >= {"vae", "clip", "unet", "total_minutes"}
+    assert set(summary) >= {"vae", "clip", "unet", "unet_refine", "vae_decoder", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
-    for stage in ("vae", "clip", "unet"):
+    for stage in ("vae", "clip", "unet", "unet_refine"):
         assert checkpoint_paths(tmp_path / "runs" / stage / "checkpoints")
     pipe = load_pipeline(out, precision="fp32", device="cpu")
     assert pipe.default_size == 64 and pipe.tokenizer.context_length == 16
@@ -54,6 +54,7 @@ def test_continuing_a_models_unet_changes_only_the_unet(tmp_path):
     log = lambda folder: json.loads((folder / "training.json").read_text())["summary"]  # noqa: E731
     earlier, continued = log(BUNDLED_MODEL).get("unet_continued", []), log(out)["unet_continued"]
     assert continued[:-1] == earlier and continued[-1]["train"]["steps"] == 3  # this stage appended
+    assert continued[-1]["high_noise_fraction"] == 0.2  # a warm restart defaults to the refinement's share
     assert checkpoint_paths(tmp_path / "runs" / "unet" / "checkpoints")
 
 
@@ -88,7 +89,7 @@ def test_a_non_positive_clip_context_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, kept", [(["--clip-context", "4"], "--clip-context trains CLIP"),
-                                           (["--v-zero-snr"], "--v-zero-snr sets the noise schedule")])
+                                           (["--schedule", "sd"], "--schedule sets the noise schedule")])
 def test_a_clip_or_schedule_option_with_continue_from_is_a_one_line_error(tmp_path, capsys, option, kept):
     """--continue-from keeps the model's CLIP and schedule, so options for them would be silently ignored."""
     from ldmkit.pipelines.load import BUNDLED_MODEL

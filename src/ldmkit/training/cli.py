@@ -1,7 +1,7 @@
 """`ldmkit train`: the training recipes from the command line.
 
     ldmkit train shapes-model [--out DIR] [--run-dir DIR] [--resume] [--quick] [--snr-gamma G] [--clip-context K]
-                              [--high-noise-fraction F] [--v-zero-snr]
+                              [--high-noise-fraction F] [--schedule {v-zero-snr,sd}]
     ldmkit train shapes-model --continue-from MODEL [--unet-steps N] [--high-noise-fraction F] [--out DIR]
                               [--run-dir DIR] [--resume]
     ldmkit train digits       [--run-dir DIR] [--steps N] [--batch-size B] [--precision P] [--resume]
@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import InvalidArgument
 
 RECIPES = ("shapes-model", "digits", "minimal")
+SCHEDULE_NAMES = ("v-zero-snr", "sd")  # shapes_model.SCHEDULES' names (not imported here: it imports torch)
 
 
 def add_train(sub) -> None:
@@ -34,11 +35,14 @@ def add_train(sub) -> None:
     p.add_argument("--snr-gamma", type=float, metavar="G",
                    help="shapes-model: Min-SNR-G weights on the U-Net's loss (default: plain MSE)")
     p.add_argument("--clip-context", type=int, metavar="K",
-                   help="shapes-model: CLIP's word-keeping term, each word's state also naming the K words before it")
+                   help="shapes-model: in CLIP's word-keeping term each word's state also names the K words "
+                        "before it (default 4)")
     p.add_argument("--high-noise-fraction", type=float, metavar="F",
-                   help="shapes-model: this fraction of U-Net rows draws its timestep from the noisiest tenth")
-    p.add_argument("--v-zero-snr", action="store_true",
-                   help="shapes-model: v targets on SD's betas rescaled to zero terminal SNR (trailing spacing)")
+                   help="shapes-model: this fraction of U-Net rows draws its timestep from the noisiest tenth "
+                        "(default 0.5; with --continue-from 0.2)")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES,
+                   help="shapes-model: the U-Net's target and noise schedule: v on SD's betas rescaled to zero "
+                        "terminal SNR (default) or SD 1.x's epsilon")
     p.add_argument("--steps", type=int, help="digits/minimal: optimizer steps")
     p.add_argument("--batch-size", type=int, help="digits/minimal: global batch size")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
@@ -52,8 +56,7 @@ def run_train(args) -> int:
     init_distributed()
     run_dir = args.run_dir or Path("runs") / args.recipe
     if args.recipe == "shapes-model":
-        from .shapes_model import (UNET_CONTINUE_TRAIN, V_ZERO_SNR_SCHEDULE, ShapesModelRecipe, continue_unet,
-                                   train_shapes_model)
+        from .shapes_model import SCHEDULES, UNET_CONTINUE_TRAIN, ShapesModelRecipe, continue_unet, train_shapes_model
 
         if args.snr_gamma is not None and not args.snr_gamma > 0:
             raise InvalidArgument(f"--snr-gamma must be positive, got {args.snr_gamma}")
@@ -63,13 +66,15 @@ def run_train(args) -> int:
             raise InvalidArgument(f"--clip-context must be positive, got {args.clip_context}")
         if args.clip_context and args.continue_from is not None:
             raise InvalidArgument("--clip-context trains CLIP, which --continue-from keeps")
-        if args.v_zero_snr and args.continue_from is not None:
-            raise InvalidArgument("--v-zero-snr sets the noise schedule, which --continue-from keeps")
+        if args.schedule and args.continue_from is not None:
+            raise InvalidArgument("--schedule sets the noise schedule, which --continue-from keeps")
         recipe = ShapesModelRecipe(seed=args.seed, snr_gamma=args.snr_gamma)
+        if args.continue_from is not None:  # a continuation is a warm restart, as the recipe's refinement
+            recipe = replace(recipe, high_noise_fraction=recipe.refine_high_noise_fraction)
         if args.high_noise_fraction is not None:
             recipe = replace(recipe, high_noise_fraction=args.high_noise_fraction)
-        if args.v_zero_snr:
-            recipe = replace(recipe, schedule=V_ZERO_SNR_SCHEDULE)
+        if args.schedule:
+            recipe = replace(recipe, schedule=SCHEDULES[args.schedule])
         if args.clip_context:
             recipe = replace(recipe, clip_token_loss=1.0, clip_token_context=args.clip_context)
         if args.continue_from is not None:

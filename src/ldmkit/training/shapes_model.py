@@ -5,11 +5,14 @@
        their captions;
     2. VAE (4x downscale, 4 latent channels: 64x64x3 -> 16x16x4), L1 + small KL;
     3. CLIP (text and ViT image towers) with the contrastive loss, two-object captions' hard
-       negatives (`data.shapes.hard_negatives`) among the texts; zero-shot accuracy and
-       hard-negative accuracy on held-out scenes are logged;
+       negatives (`data.shapes.hard_negatives`) among the texts, and the word-keeping term with
+       context (each word's state names it and the words before it, so an object's tokens carry
+       the relation); zero-shot accuracy and hard-negative accuracy on held-out scenes are logged;
     4. the latent scaling factor measured as 1 / std of the latents;
     5. the text-conditioned U-Net on frozen-VAE latents and frozen-CLIP context (the last hidden
-       state, as SD 1.x), 10% caption dropout, epsilon target, SD's noise schedule;
+       state, as SD 1.x), 10% caption dropout, v target on a zero-terminal-SNR schedule, half of
+       its rows at the noisiest tenth of the timesteps (where a two-object layout is decided);
+       then a warm restart with a fifth of the rows there (the colours come back);
     6. the VAE decoder fine-tuned alone on whole images (the encoder, hence the latent space the
        U-Net learned, unchanged), as SD's ft-MSE decoder was;
     7. everything saved as a diffusers-layout folder (`ldmkit generate --model` reads it), plus
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +54,11 @@ SAMPLE_PROMPTS = (
 # is pure noise, so the layout must come from the caption, and the noisiest steps keep their weight
 V_ZERO_SNR_SCHEDULE = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing",
                                      rescale_betas_zero_snr=True)
+SD_SCHEDULE = ScheduleConfig()  # SD 1.x: scaled_linear betas, epsilon target (an ablation here)
+SCHEDULES = {"v-zero-snr": V_ZERO_SNR_SCHEDULE, "sd": SD_SCHEDULE}  # `ldmkit train --schedule`
+# a warm restart of a trained U-Net: fresh AdamW and cosine at half the peak rate, EMA from its weights
+UNET_CONTINUE_TRAIN = TrainConfig(steps=8000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999,
+                                  checkpoint_every=250, sample_every=1000)
 
 
 @dataclass(frozen=True)
@@ -73,24 +81,29 @@ class ShapesModelRecipe:
     clip_train: TrainConfig = TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=50,
                                           weight_decay=0.1, ema_decay=None, checkpoint_every=250)
     clip_hard_negatives: bool = True  # NegCLIP: each two-object caption's reversed/rebound versions
-    clip_token_loss: float = 0.0  # weight of CLIPStage's word-keeping term; an ablation (README), off
-    clip_token_context: int = 0  # with it: how many earlier words each state must also name
+    clip_token_loss: float = 1.0  # weight of CLIPStage's word-keeping term (0: off)
+    clip_token_context: int = 4  # with it: how many earlier words each state must also name
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
-    unet_train: TrainConfig = TrainConfig(steps=16_000, batch_size=32, lr=1e-3, warmup_steps=200,
+    unet_train: TrainConfig = TrainConfig(steps=12_000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE (see README)
-    high_noise_fraction: float = 0.0  # of U-Net rows, timestep from the noisiest tenth (LatentUNetStage)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # SD 1.x: scaled_linear, epsilon
+    high_noise_fraction: float = 0.5  # of U-Net rows, timestep from the noisiest tenth (LatentUNetStage)
+    # then a warm restart of the U-Net (None: none) with fewer rows at the noisiest tenth: with half
+    # there the relations hold but colours suffer; the restart brings the colours back (README)
+    unet_refine_train: TrainConfig | None = replace(UNET_CONTINUE_TRAIN, steps=6000)
+    refine_high_noise_fraction: float = 0.2
+    schedule: ScheduleConfig = V_ZERO_SNR_SCHEDULE
 
     def quick(self) -> ShapesModelRecipe:
         """A seconds-long version for tests: tiny data, a few steps per stage."""
         short = lambda c: replace(c, steps=3, warmup_steps=1, checkpoint_every=3, sample_every=0)  # noqa: E731
         return replace(self, scenes=64, vae_train=short(self.vae_train), decoder_train=short(self.decoder_train),
                        clip_train=replace(short(self.clip_train), batch_size=16),
-                       unet_train=replace(short(self.unet_train), batch_size=8))
+                       unet_train=replace(short(self.unet_train), batch_size=8),
+                       unet_refine_train=self.unet_refine_train and replace(short(self.unet_refine_train), batch_size=8))
 
 
 def render_scenes(count: int, size: int, seed: int, one_object_fraction: float = 0.5) -> tuple[torch.Tensor, list[str]]:
@@ -184,14 +197,15 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     images, captions = scenes["images"], scenes["captions"]
     tokenizer = shapes_tokenizer(captions)
 
-    def run(stage, config: TrainConfig):
-        trainer = Trainer(stage, config, run_dir / stage.name, progress=progress)
-        if resume and (run_dir / stage.name / "checkpoints").is_dir():
+    def run(stage, config: TrainConfig, name: str | None = None):
+        name = name or stage.name  # the stage's folder under run_dir and its key in the summary
+        trainer = Trainer(stage, config, run_dir / name, progress=progress)
+        if resume and (run_dir / name / "checkpoints").is_dir():
             trainer.resume()
         stage_start = time.time()
         model = trainer.train()
-        summary[stage.name] = {"steps": config.steps, "final_loss": _tail_mean(trainer.history),
-                               "minutes": round((time.time() - stage_start) / 60, 2)}
+        summary[name] = {"steps": config.steps, "final_loss": _tail_mean(trainer.history),
+                         "minutes": round((time.time() - stage_start) / 60, 2)}
         return model
 
     torch.manual_seed(recipe.seed)  # each stage's initial weights from its own seed, whatever ran before
@@ -230,11 +244,12 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
         return make_grid(x * 2 - 1, nrow=4)
 
     torch.manual_seed(recipe.seed + 2)
-    unet_stage = LatentUNetStage(UNet(recipe.unet), schedule, inputs["mean"], inputs["std"], inputs["caption_ids"],
-                                 inputs["contexts"], inputs["empty"], caption_dropout=recipe.caption_dropout,
-                                 snr_gamma=recipe.snr_gamma, high_noise_fraction=recipe.high_noise_fraction,
-                                 sampler=sampler)
-    unet = run(unet_stage, recipe.unet_train).eval()
+    unet = run(_unet_stage(UNet(recipe.unet), schedule, inputs, recipe, recipe.high_noise_fraction, sampler),
+               recipe.unet_train).eval()
+    if recipe.unet_refine_train is not None:  # the warm restart, as `continue_unet` does it
+        unet = unet.train().requires_grad_(True)
+        unet = run(_unet_stage(unet, schedule, inputs, recipe, recipe.refine_high_noise_fraction, sampler),
+                   recipe.unet_refine_train, name="unet_refine").eval()
     # the decoder alone, on whole images: sharper colours and edges, same latent space
     vae = run(VAEStage(recipe.vae, images, decoder_of=vae), recipe.decoder_train).vae.eval()
 
@@ -245,9 +260,6 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
                                                   indent=2) + "\n")
     return out
 
-
-UNET_CONTINUE_TRAIN = TrainConfig(steps=8000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999,
-                                  checkpoint_every=250, sample_every=1000)
 
 
 def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
@@ -271,10 +283,7 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
     inputs_path = run_dir / "unet_inputs.pt"
     inputs = _cached(inputs_path, encode_inputs) if resume else _save(encode_inputs(), inputs_path)
     schedule = NoiseSchedule(comps.schedule_config)
-    unet = comps.unet.train().requires_grad_(True)
-    stage = LatentUNetStage(unet, schedule, inputs["mean"], inputs["std"], inputs["caption_ids"], inputs["contexts"],
-                            inputs["empty"], caption_dropout=recipe.caption_dropout, snr_gamma=recipe.snr_gamma,
-                            high_noise_fraction=recipe.high_noise_fraction)
+    stage = _unet_stage(comps.unet.train().requires_grad_(True), schedule, inputs, recipe, recipe.high_noise_fraction)
     trainer = Trainer(stage, train, run_dir / "unet", progress=progress)
     if resume and (run_dir / "unet" / "checkpoints").is_dir():
         trainer.resume()
@@ -288,6 +297,14 @@ def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
         "minutes": round((time.time() - started) / 60, 2)})
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return out
+
+
+def _unet_stage(unet: UNet, schedule: NoiseSchedule, inputs: dict, recipe: ShapesModelRecipe,
+                high_noise_fraction: float, sampler=None) -> LatentUNetStage:
+    """The U-Net stage on the encoded data set `inputs` (latent means and stds, caption contexts)."""
+    return LatentUNetStage(unet, schedule, inputs["mean"], inputs["std"], inputs["caption_ids"], inputs["contexts"],
+                           inputs["empty"], caption_dropout=recipe.caption_dropout, snr_gamma=recipe.snr_gamma,
+                           high_noise_fraction=high_noise_fraction, sampler=sampler)
 
 
 def _save(value: dict, path: Path) -> dict:
