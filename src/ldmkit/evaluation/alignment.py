@@ -1,6 +1,6 @@
 """Text alignment on the shapes data set: does an image show exactly what its prompt says?
 
-`judge` reads an image with the shapes attribute classifier and checks every attribute of a
+`judge` reads an image with the shapes judge (`shapes_classifier.load_shapes_judge`) and checks every attribute of a
 shapes caption (grammar in shared/specs/shapes.md):
 
     count     as many objects as the prompt names (1 or 2); a repeated object counts twice
@@ -32,7 +32,7 @@ from ..data.shapes import (
     is_heldout_pair, parse_caption,
 )
 from ..errors import InvalidArgument, check_choice
-from .shapes_classifier import DetectedObject, ShapesClassifier, detect, load_shapes_classifier
+from .shapes_classifier import DetectedObject, ShapesClassifier, detect, load_shapes_judge
 
 RELATION_MARGIN = 0.1  # centroid difference along the relation's axis, canvas fractions
 ATTRIBUTES = ("count", "shape", "color", "objects", "size", "relation")
@@ -74,7 +74,7 @@ def judge_detections(prompt: str, found: list[DetectedObject], margin: float = R
 def judge_many(prompts: Sequence[str], images, classifier: ShapesClassifier | None = None,
                margin: float = RELATION_MARGIN) -> list[dict]:
     """`judge` for many (prompt, image) pairs at once (images: PIL list or (B, 3, H, W) in [-1, 1])."""
-    classifier = classifier or load_shapes_classifier()
+    classifier = classifier or load_shapes_judge()
     for p in prompts:
         parse_caption(p)  # a prompt outside the grammar is a user error, raised before any work
     found = detect(classifier, images)

@@ -3,7 +3,7 @@
     ldmkit eval shapes [--model PATH] [--prompts heldout|train|both | --prompts-file FILE]
                        [--num-per-prompt K] [--steps 25] [--sampler dpmpp_2m] [--cfg-scale S]
                        [--cfg-rescale R] [--seed 0] [--out FILE] [--grid FILE] [--save-images DIR]
-    ldmkit eval classifier {shapes,digits} [--seed 0] [--steps N] [--out FILE]
+    ldmkit eval classifier {shapes,shapes-judge,digits} [--seed 0] [--steps N] [--out FILE]
 
 An independent checker brings its own prompts (`--prompts-file`, one shapes caption per line)
 and judges the very images this evaluator judged (`--save-images`: one PNG per image, its
@@ -55,7 +55,7 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--classifier", type=Path, help="shapes classifier weights (default: the packaged asset)")
+    p.add_argument("--classifier", type=Path, help="the alignment judge's weights (default: the packaged asset)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--grid", type=Path, help="also write the generated images on one PNG sheet")
     p.add_argument("--save-images", type=Path, metavar="DIR",
@@ -65,7 +65,8 @@ def _add_shapes(evsub) -> None:
 
 def _add_classifier(evsub) -> None:
     p = evsub.add_parser("classifier", help="retrain an evaluation classifier (seeded, reproducible)")
-    p.add_argument("which", choices=("shapes", "digits"))
+    p.add_argument("which", choices=("shapes", "shapes-judge", "digits"),
+                   help="the shapes FID's classifier, the shapes alignment judge, or the digits classifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="training steps (default: the packaged asset's)")
     p.add_argument("--out", type=Path, help="weights file (default: the packaged asset)")
@@ -84,12 +85,14 @@ def _run_classifier(args) -> int:
     from . import digits_classifier, shapes_classifier
     from .common import cache_path
 
-    module = shapes_classifier if args.which == "shapes" else digits_classifier
+    module = digits_classifier if args.which == "digits" else shapes_classifier
+    judge = args.which == "shapes-judge"
     if args.steps is not None and args.steps < 1:
         raise InvalidArgument(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(1)  # the recorded training time is for one thread, and it is reproducible
-    kwargs = {} if args.steps is None else {"steps": args.steps}
-    path = module.retrain_asset(args.out or cache_path(module.ASSET_NAME), args.seed, verbose=True, **kwargs)
+    kwargs = ({} if args.steps is None else {"steps": args.steps}) | ({"judge": True} if judge else {})
+    name = module.JUDGE_ASSET_NAME if judge else module.ASSET_NAME
+    path = module.retrain_asset(args.out or cache_path(name), args.seed, verbose=True, **kwargs)
     print(f"wrote {path}")
     return 0
 
@@ -171,7 +174,7 @@ def _run_shapes(args) -> int:
     from ..pipelines.load import load_pipeline, resolve_device, resolve_model_path, resolve_precision
     from .alignment import evaluation_prompts
     from .evaluate import evaluate_shapes_model
-    from .shapes_classifier import load_shapes_classifier
+    from .shapes_classifier import load_shapes_judge
 
     _check_shapes_args(args)
     model_path = resolve_model_path(args.model)
@@ -181,14 +184,14 @@ def _run_shapes(args) -> int:
     else:
         sets = ("heldout", "train") if args.prompts == "both" else (args.prompts,)
         prompt_sets = {name: evaluation_prompts(name) for name in sets}
-    classifier = load_shapes_classifier(args.classifier)
+    judge = load_shapes_judge(args.classifier)
     pipe = load_pipeline(model_path, args.precision, args.device)
     reports, grids = {}, []
     for name, prompts in prompt_sets.items():
         bar = tqdm(total=len(prompts) * args.num_per_prompt, desc=f"generating ({name})", unit="image")
         report = evaluate_shapes_model(
             pipe, prompts, args.num_per_prompt, args.steps, args.sampler, args.cfg_scale, args.seed,
-            args.batch_size, classifier, progress=lambda done, total: bar.update(done - bar.n),
+            args.batch_size, judge, progress=lambda done, total: bar.update(done - bar.n),
             keep_images=args.grid is not None or args.save_images is not None, cfg_rescale=args.cfg_rescale)
         bar.close()
         images = report.pop("images", [])

@@ -23,7 +23,7 @@ from .alignment import RELATION_MARGIN, judge_many, summarize
 from .fid import fid_from_features
 from .geometry_judge import cross_check
 from .scenes import scene_for_prompt
-from .shapes_classifier import ShapesClassifier, extract_features, load_shapes_classifier
+from .shapes_classifier import ShapesClassifier, extract_features, load_shapes_classifier, load_shapes_judge
 
 MIN_REAL_IMAGES = 1000  # the real side of the FID has at least this many images
 REAL_SEED = 12345  # seeds the real reference scenes (any fixed value; not the classifier's)
@@ -36,7 +36,8 @@ def real_images_for_prompts(prompts: Sequence[str], per_prompt: int, seed: int =
 
 
 def shapes_fid(images, real_images, classifier: ShapesClassifier | None = None) -> float:
-    """FID between two image sets in the shapes classifier's penultimate-layer feature space."""
+    """FID between two image sets in the penultimate-layer feature space of the shapes classifier
+    (by default the FID's own, not the judge: see shapes_classifier)."""
     classifier = classifier or load_shapes_classifier()
     return fid_from_features(extract_features(classifier, images), extract_features(classifier, real_images))
 
@@ -45,25 +46,26 @@ def score_shapes_images(
     prompts: Sequence[str],
     images,
     num_per_prompt: int = 1,
-    classifier: ShapesClassifier | None = None,
+    judge: ShapesClassifier | None = None,
     margin: float = RELATION_MARGIN,
     real_seed: int = REAL_SEED,
     min_real_images: int = MIN_REAL_IMAGES,
 ) -> dict:
     """Alignment and FID of images; `images` holds `num_per_prompt` consecutive images per prompt.
 
-    Returns {"alignment": summarize(...), "fid": float, "real_images": int, "judgements": [...],
-    "geometry_check": the rule-based judge's alignment and its agreement with the classifier's
-    verdicts (geometry_judge.cross_check)}.
+    `judge` (default: the packaged judge) gives the verdicts; the FID is in the packaged FID
+    classifier's feature space. Returns {"alignment": summarize(...), "fid": float, "real_images":
+    int, "judgements": [...], "geometry_check": the rule-based judge's alignment and its agreement
+    with the classifier's verdicts (geometry_judge.cross_check)}.
     """
-    classifier = classifier or load_shapes_classifier()
+    judge = judge or load_shapes_judge()
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
-    judgements = judge_many(expanded, images, classifier, margin)
+    judgements = judge_many(expanded, images, judge, margin)
     real_per_prompt = max(num_per_prompt, -(-min_real_images // len(prompts)))  # ceil
-    real = real_images_for_prompts(prompts, real_per_prompt, real_seed, classifier.config.image_size)
+    real = real_images_for_prompts(prompts, real_per_prompt, real_seed, judge.config.image_size)
     return {
         "alignment": summarize(judgements),
-        "fid": shapes_fid(images, real, classifier),
+        "fid": shapes_fid(images, real),
         "real_images": len(real),
         "judgements": judgements,
         "geometry_check": cross_check(expanded, images, judgements, margin),
@@ -114,7 +116,7 @@ def evaluate_shapes_model(
     cfg_scale: float = 7.5,  # classifier-free guidance scale
     seed: int = 0,  # image k is drawn from seed + k
     batch_size: int = 32,  # images per pipeline call
-    classifier: ShapesClassifier | None = None,  # default: the packaged shapes classifier
+    judge: ShapesClassifier | None = None,  # default: the packaged shapes judge
     progress: Callable[[int, int], None] | None = None,  # progress(done, total) after each batch
     keep_images: bool = False,  # also return the generated PIL images under "images"
     min_real_images: int = MIN_REAL_IMAGES,  # size of the real side of the FID (at least)
@@ -128,7 +130,7 @@ def evaluate_shapes_model(
     with torch.no_grad():
         images = generate_images(pipe, prompts, num_per_prompt, steps, sampler, cfg_scale, seed,
                                  batch_size=batch_size, progress=progress, cfg_rescale=cfg_rescale)
-    report = score_shapes_images(prompts, images, num_per_prompt, classifier, min_real_images=min_real_images)
+    report = score_shapes_images(prompts, images, num_per_prompt, judge, min_real_images=min_real_images)
     report["settings"] = {"prompts": len(prompts), "num_per_prompt": num_per_prompt, "steps": steps,
                           "sampler": sampler, "cfg_scale": cfg_scale, "cfg_rescale": cfg_rescale, "seed": seed}
     report["seconds"] = round(time.time() - start, 1)

@@ -5,6 +5,11 @@ draw none, three, or the same object twice. The classifier must count those corr
 them, so its training mixes the data set's scenes (both splits, so every prompt's objects are
 seen) with free scenes of 0 to 3 objects that may repeat a (color, shape), and extra pairs of
 one color (the case the classifier found hardest: a small object beside a large one).
+
+Generated objects are not always one flat colour: an orange square with a yellow rim, a green
+shape with red patches. `two_tone` paints such objects, the minority of an object's pixels in
+another palette colour, so that the classifier learns to read an object as the colour most of it
+has (as a person, and the rule-based judge, would).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.shapes import (
-    BORDER, COLORS, GAP, MIN_MARGIN, SHAPES, SIZES, Scene, ShapeObject, boxes_apart, parse_caption,
+    BORDER, COLORS, GAP, MIN_MARGIN, SHAPES, SIZES, Scene, ShapeObject, boxes_apart, parse_caption, pixel_bbox,
     relation_holds, sample_scene,
 )
 
@@ -22,6 +27,7 @@ FREE_COUNT_WEIGHTS = (0.15, 0.25, 0.35, 0.25)  # ... and how often each is drawn
 # classifier training scenes: the data set's splits, free scenes, and extra pairs sharing a color
 # (a small object beside a large one of its color is the hardest case to count)
 TRAINING_MIX = {"train": 0.30, "heldout": 0.30, "free": 0.25, "same_color": 0.15}
+TWO_TONE_FRACTION = 0.25  # training scenes with one object painted in two colours (two_tone)
 
 
 def place(rng: np.random.Generator, shape: str, color: str, size: str) -> ShapeObject:
@@ -72,6 +78,46 @@ def training_scene(rng: np.random.Generator) -> Scene:
     if kind == "same_color":
         return same_color_scene(rng)
     return sample_scene(rng, one_object_fraction=0.5, split=kind)
+
+
+def two_tone(image: np.ndarray, obj: ShapeObject, rng: np.random.Generator) -> None:
+    """Paint a minority of `obj`'s pixels in `image` ((H, W, 3) uint8, as rendered) another palette
+    colour, in place, with an edge from sharp to soft, in one of three patterns seen in generated
+    samples: one side of the object, its rim (following its outline, so the majority keeps the
+    object's shape) or a small patch. The shares stay small enough that the object's colour is
+    still plainly the one most of it has."""
+    size = image.shape[0]
+    x0, y0, x1, y1 = pixel_bbox(obj, size)
+    box = image[y0:y1 + 1, x0:x1 + 1]  # a view: objects never share a bounding box
+    mask = (box == COLORS[obj.color]).all(-1)  # (h, w): the object's pixels
+    ys, xs = np.nonzero(mask)
+    cx, cy, hw, hh = xs.mean(), ys.mean(), max(np.ptp(xs), 1) / 2, max(np.ptp(ys), 1) / 2
+    pattern = rng.integers(3)
+    if pattern == 0:  # one side: a ramp along a random direction
+        angle = rng.uniform(0, 2 * np.pi)
+        score, share = (xs - cx) / hw * np.cos(angle) + (ys - cy) / hh * np.sin(angle), 0.4
+    elif pattern == 1:  # the rim: pixels nearest the outline
+        score, share = -_depth(mask)[ys, xs], 0.35
+    else:  # a patch around a random pixel of the object
+        k = rng.integers(len(xs))
+        score, share = -np.hypot((xs - xs[k]) / hw, (ys - ys[k]) / hh), 0.2
+    score = score + rng.normal(0, 1e-3, len(score))  # break ties, so the quantile splits even a flat score
+    threshold = np.quantile(score, 1 - rng.uniform(0.05, share))
+    softness = rng.uniform(0.01, 0.3) * (score.std() + 1e-6)
+    weight = 1 / (1 + np.exp(-(score - threshold) / softness))  # (N,): how much of the second colour
+    others = [c for c in COLORS if c != obj.color]
+    first, second = (np.array(COLORS[c], dtype=np.float64) for c in (obj.color, others[rng.integers(len(others))]))
+    box[ys, xs] = np.round(first + weight[:, None] * (second - first)).astype(np.uint8)
+
+
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """How many 4-neighbour erosions each pixel of a boolean mask survives, plus one (0 outside)."""
+    depth, inside = np.zeros(mask.shape), mask.copy()
+    while inside.any():
+        depth += inside
+        padded = np.pad(inside, 1)
+        inside = inside & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return depth
 
 
 def _pair_layout_ok(a: ShapeObject, b: ShapeObject, relation: str) -> bool:

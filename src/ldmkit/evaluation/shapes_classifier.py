@@ -14,16 +14,25 @@ paints, per shape, a density on an 8x8 grid whose sum is the object count (count
 Lempitsky & Zisserman 2010), with per-cell size logits and centroid offsets that the density
 averages. Everything is translation-equivariant and shared across colors, so an object seen in
 one place and color teaches every other, which is why it learns in a few minutes on one thread.
+It trains on rendered scenes (see scenes.py) with the defects of generated samples added
+(common.augment), 1000 steps in two to four minutes on one CPU thread.
 
-Its penultimate layer, the trunk features averaged over the grid for each color (6 x 32
-numbers), is the feature space of the shapes FID.
+Two of them ship, the same network trained two ways:
 
-It trains in under four minutes on one CPU thread (1000 steps; 208-268 s measured on a busy
-2-core machine), on rendered scenes (see scenes.py) with the defects of generated samples added
-(common.augment). The trained weights ship as
-``ldmkit/assets/shapes_classifier.safetensors``; `load_shapes_classifier` retrains and caches
-them when the file is missing, and ``ldmkit eval classifier shapes`` (or
-``python -m ldmkit.evaluation.cli classifier shapes``) retrains them reproducibly.
+    the judge    (`load_shapes_judge`, ``assets/shapes_judge.safetensors``) reads each color's map
+                 beside the occupancy map (where anything is drawn: their sum), and a quarter of
+                 its training scenes hold an object painted in two colours (scenes.two_tone), so
+                 it reads such an object as the colour most of it has, as a person does.
+                 Generated samples have them (an orange square with a yellow rim); a network
+                 that sees one color's map alone cannot tell such an object from a fragment.
+    the FID one  (`load_shapes_classifier`, ``assets/shapes_classifier.safetensors``) reads the
+                 color maps alone and trains on one-colour objects. Its penultimate layer, the
+                 trunk features averaged over the grid for each color (6 x 32 numbers), is the
+                 feature space of the shapes FID; it is kept because it tells a blur from real
+                 images better than the judge's features do.
+
+A missing asset is retrained and cached on first use; ``ldmkit eval classifier shapes`` (or
+``shapes-judge``) retrains one reproducibly.
 """
 
 from __future__ import annotations
@@ -43,9 +52,10 @@ from ..data.imagefolder import pil_to_tensor
 from ..data.shapes import BACKGROUND, COLORS, SHAPES, SIZES, Scene, render, sample_scene
 from ..errors import InvalidArgument
 from .common import augment, cache_path, find_asset, read_model, save_weights, seeded
-from .scenes import training_scene
+from .scenes import TWO_TONE_FRACTION, training_scene, two_tone
 
-ASSET_NAME = "shapes_classifier.safetensors"
+ASSET_NAME = "shapes_classifier.safetensors"  # the FID's feature network
+JUDGE_ASSET_NAME = "shapes_judge.safetensors"  # the alignment judge
 SLOTS = tuple(itertools.product(COLORS, SHAPES))  # (color, shape) per output slot
 SIZE_NAMES = tuple(SIZES)  # ("small", "large"): size class index -> name
 MAX_COUNT = 3  # counts are read as 0 .. MAX_COUNT ("MAX_COUNT or more")
@@ -58,6 +68,7 @@ class ShapesClassifierConfig:
     channels: tuple[int, ...] = (8, 16, 32)  # widths of the stride-2 stages: 64 -> 8x8 grid
     grid_layers: int = 2  # 3x3 convolutions on the 8x8 grid (receptive field 47 px)
     temperature: float = 0.02  # softness of the palette membership (squared distance, [-1, 1] units)
+    occupancy: bool = False  # read each color's map beside the occupancy map (the judge)
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class ShapesClassifier(nn.Module):
     def __init__(self, config: ShapesClassifierConfig = ShapesClassifierConfig()) -> None:
         super().__init__()
         self.config = config
-        layers, c_in = [], 1
+        layers, c_in = [], 1 + config.occupancy  # a color's membership map (and the occupancy map)
         for c in config.channels:  # each stage: (H, W) -> (H/2, W/2)
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.SiLU()]
             c_in = c
@@ -108,10 +119,13 @@ class ShapesClassifier(nn.Module):
         self.register_buffer("cell_y", cells[:, None].expand(-1, self.grid).clone(), persistent=False)
 
     def color_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features of each color's membership map: (B * 6, C, g, g)."""
+        """Trunk features of each color's membership map (beside the occupancy map): (B * 6, C, g, g)."""
         b, _, h, w = x.shape
-        maps = palette_membership(x, self.config.temperature).reshape(b * len(COLORS), 1, h, w)
-        return self.trunk(maps)
+        maps = palette_membership(x, self.config.temperature)[:, :, None]  # (B, 6, 1, H, W)
+        if self.config.occupancy:
+            occupied = maps.sum(dim=1, keepdim=True)  # (B, 1, 1, H, W): 1 - the white background's share
+            maps = torch.cat([maps, occupied.expand_as(maps)], dim=2)  # (B, 6, 2, H, W)
+        return self.trunk(maps.reshape(b * len(COLORS), -1, h, w))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (B, 6 * C): each color's trunk features averaged over the grid."""
@@ -205,9 +219,15 @@ def loss_fn(out: tuple, counts: torch.Tensor, sizes: torch.Tensor, centers: torc
     return loss
 
 
-def render_pool(scenes: list[Scene], size: int = 64) -> torch.Tensor:
-    """Rendered scenes as uint8 (B, 3, size, size): a compact pool to draw training batches from."""
-    return torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scenes])).permute(0, 3, 1, 2)
+def render_pool(scenes: list[Scene], size: int = 64, two_tone_fraction: float = 0.0,
+                rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Rendered scenes as uint8 (B, 3, size, size): a compact pool to draw training batches from;
+    that fraction of them with one object painted in two colours (scenes.two_tone), drawn from `rng`."""
+    images = np.stack([np.array(render(s, size)) for s in scenes])  # (B, H, W, 3), writable
+    for image, scene in zip(images, scenes):
+        if two_tone_fraction and scene.objects and rng.random() < two_tone_fraction:
+            two_tone(image, scene.objects[rng.integers(len(scene.objects))], rng)
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def train_shapes_classifier(
@@ -217,13 +237,14 @@ def train_shapes_classifier(
     lr: float = 3e-3,  # peak learning rate of the one-cycle schedule
     seed: int = 0,  # seeds the scenes, the batches, the augmentation and the initial weights
     config: ShapesClassifierConfig = ShapesClassifierConfig(),
+    two_tone_fraction: float = 0.0,  # share of the scenes with an object painted in two colours
     log_every: int = 0,  # print the loss every this many steps (0: quiet)
 ) -> ShapesClassifier:
     """Train on a pool of rendered scenes, freshly augmented at every draw; returns eval mode."""
     rng = np.random.default_rng([seed, 1])  # scenes
     gen = torch.Generator().manual_seed(seed)  # batches and augmentation
     scenes = [training_scene(rng) for _ in range(pool_size)]
-    pool = render_pool(scenes, config.image_size)  # (N, 3, H, W) uint8
+    pool = render_pool(scenes, config.image_size, two_tone_fraction, rng)  # (N, 3, H, W) uint8
     counts, sizes, centers = batch_targets(scenes)
     with seeded(seed):
         model = ShapesClassifier(config)
@@ -324,23 +345,37 @@ def read_shapes_classifier(path: str | Path) -> ShapesClassifier:
 _LOADED: dict[str, ShapesClassifier] = {}
 
 
+# how the judge differs from the FID's classifier (module docstring)
+JUDGE_TRAINING = {"config": ShapesClassifierConfig(occupancy=True), "two_tone_fraction": TWO_TONE_FRACTION}
+
+
 def load_shapes_classifier(path: str | Path | None = None) -> ShapesClassifier:
-    """The trained classifier: from `path`, else the packaged asset, else retrained and cached."""
+    """The FID's feature network: from `path`, else the packaged asset, else retrained and cached."""
+    return _load(path, ASSET_NAME, judge=False)
+
+
+def load_shapes_judge(path: str | Path | None = None) -> ShapesClassifier:
+    """The alignment judge: from `path`, else the packaged asset, else retrained and cached."""
+    return _load(path, JUDGE_ASSET_NAME, judge=True)
+
+
+def _load(path: str | Path | None, name: str, judge: bool) -> ShapesClassifier:
     if path is not None:
         return read_shapes_classifier(path)
-    found = find_asset(ASSET_NAME)
-    if found is None:
-        found = retrain_asset(cache_path(ASSET_NAME))
+    found = find_asset(name) or retrain_asset(cache_path(name), judge=judge)
     key = str(found)
     if key not in _LOADED:
         _LOADED[key] = read_shapes_classifier(found)
     return _LOADED[key]
 
 
-def retrain_asset(path: str | Path, seed: int = 0, steps: int = 1000, verbose: bool = False) -> Path:
-    """Train with `seed`, measure accuracy on fresh scenes (another seed) and save to `path`."""
+def retrain_asset(path: str | Path, seed: int = 0, steps: int = 1000, verbose: bool = False,
+                  judge: bool = False) -> Path:
+    """Train the FID's classifier (or the judge) with `seed`, measure its accuracy on fresh scenes
+    (another seed) and save it to `path`."""
     start = time.time()
-    model = train_shapes_classifier(steps=steps, seed=seed, log_every=100 if verbose else 0)
+    model = train_shapes_classifier(steps=steps, seed=seed, log_every=100 if verbose else 0,
+                                    **(JUDGE_TRAINING if judge else {}))
     seconds = time.time() - start
     info = {"seed": seed, "steps": steps, "train_seconds": round(seconds, 1),
             "torch_threads": torch.get_num_threads()}
