@@ -110,6 +110,18 @@ def test_two_tone_paints_a_minority_of_one_object_in_another_palette_colour():
     assert 0.05 < np.median(shares) < 0.6 and max(shares) > 0.3  # some soft edges change more than the share
 
 
+def test_the_judge_trains_on_two_tone_scenes_and_reads_the_occupancy_map():
+    rng = lambda: np.random.default_rng(TEST_SEED)  # noqa: E731
+    scenes = shapes_classifier.fresh_scenes(TEST_SEED, 8, "train")
+    plain, toned = (shapes_classifier.render_pool(scenes, 64, f, rng()) for f in (0.0, 1.0))
+    assert torch.equal(plain, shapes_classifier.render_batch(scenes).add(1).mul(127.5).round().to(torch.uint8))
+    assert all(not torch.equal(a, b) for a, b in zip(plain, toned))  # every scene has a two-tone object
+    judge = shapes_classifier.train_shapes_classifier(steps=1, pool_size=8, **shapes_classifier.JUDGE_TRAINING)
+    assert judge.config.occupancy and judge.trunk[0].in_channels == 2
+    assert shapes_classifier.load_shapes_judge().config.occupancy  # the packaged judge is one
+    assert not shapes_classifier.load_shapes_classifier().config.occupancy
+
+
 def test_judge_reads_a_two_tone_object_as_the_colour_most_of_it_has(classifier):
     """Generated objects are sometimes two-toned (an orange square with a yellow rim); the judge
     (and the rule-based judge) read them as their main colour."""

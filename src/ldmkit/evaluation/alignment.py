@@ -1,7 +1,7 @@
 """Text alignment on the shapes data set: does an image show exactly what its prompt says?
 
-`judge` reads an image with the shapes judge (`shapes_classifier.load_shapes_judge`) and checks every attribute of a
-shapes caption (grammar in shared/specs/shapes.md):
+`judge` reads an image with the shapes judge (`shapes_classifier.load_shapes_judge`) and checks
+every attribute of a shapes caption (grammar in shared/specs/shapes.md):
 
     count     as many objects as the prompt names (1 or 2); a repeated object counts twice
     shape     the detected shapes are the prompt's shapes (as a multiset)

@@ -56,7 +56,7 @@ def score_shapes_images(
     `judge` (default: the packaged judge) gives the verdicts; the FID is in the packaged FID
     classifier's feature space. Returns {"alignment": summarize(...), "fid": float, "real_images":
     int, "judgements": [...], "geometry_check": the rule-based judge's alignment and its agreement
-    with the classifier's verdicts (geometry_judge.cross_check)}.
+    with the judge's verdicts (geometry_judge.cross_check)}.
     """
     judge = judge or load_shapes_judge()
     expanded = [p for p in prompts for _ in range(num_per_prompt)]

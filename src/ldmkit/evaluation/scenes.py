@@ -95,14 +95,14 @@ def two_tone(image: np.ndarray, obj: ShapeObject, rng: np.random.Generator) -> N
     pattern = rng.integers(3)
     if pattern == 0:  # one side: a ramp along a random direction
         angle = rng.uniform(0, 2 * np.pi)
-        score, share = (xs - cx) / hw * np.cos(angle) + (ys - cy) / hh * np.sin(angle), 0.4
+        score, max_share = (xs - cx) / hw * np.cos(angle) + (ys - cy) / hh * np.sin(angle), 0.4
     elif pattern == 1:  # the rim: pixels nearest the outline
-        score, share = -_depth(mask)[ys, xs], 0.35
+        score, max_share = -_depth(mask)[ys, xs], 0.35
     else:  # a patch around a random pixel of the object
         k = rng.integers(len(xs))
-        score, share = -np.hypot((xs - xs[k]) / hw, (ys - ys[k]) / hh), 0.2
+        score, max_share = -np.hypot((xs - xs[k]) / hw, (ys - ys[k]) / hh), 0.2
     score = score + rng.normal(0, 1e-3, len(score))  # break ties, so the quantile splits even a flat score
-    threshold = np.quantile(score, 1 - rng.uniform(0.05, share))
+    threshold = np.quantile(score, 1 - rng.uniform(0.05, max_share))  # the second colour above it
     softness = rng.uniform(0.01, 0.3) * (score.std() + 1e-6)
     weight = 1 / (1 + np.exp(-(score - threshold) / softness))  # (N,): how much of the second colour
     others = [c for c in COLORS if c != obj.color]

@@ -15,7 +15,7 @@ Lempitsky & Zisserman 2010), with per-cell size logits and centroid offsets that
 averages. Everything is translation-equivariant and shared across colors, so an object seen in
 one place and color teaches every other, which is why it learns in a few minutes on one thread.
 It trains on rendered scenes (see scenes.py) with the defects of generated samples added
-(common.augment), 1000 steps in two to four minutes on one CPU thread.
+(common.augment): 1000 steps, in under five minutes on one CPU thread.
 
 Two of them ship, the same network trained two ways:
 
