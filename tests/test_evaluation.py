@@ -42,7 +42,8 @@ def fid_classifier():
 @pytest.fixture(scope="module", params=["judge", "fid"])
 def either_classifier(request):
     """Each packaged shapes classifier in turn: both must read scenes right."""
-    return shapes_classifier.load_shapes_judge() if request.param == "judge" else shapes_classifier.load_shapes_classifier()
+    load = shapes_classifier.load_shapes_judge if request.param == "judge" else shapes_classifier.load_shapes_classifier
+    return load()
 
 
 def renders(prompt: str, count: int, seed: int) -> list:

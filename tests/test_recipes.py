@@ -88,6 +88,15 @@ def test_a_non_positive_clip_context_is_a_one_line_error(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_cli_offers_the_recipes_schedules_by_name():
+    from ldmkit.training.cli import SCHEDULE_NAMES
+    from ldmkit.training.shapes_model import SCHEDULES, ShapesModelRecipe
+
+    assert tuple(SCHEDULES) == SCHEDULE_NAMES
+    assert SCHEDULES["v-zero-snr"] == ShapesModelRecipe().schedule  # the default
+    assert SCHEDULES["sd"].prediction_type == "epsilon" and not SCHEDULES["sd"].rescale_betas_zero_snr
+
+
 @pytest.mark.parametrize("option, kept", [(["--clip-context", "4"], "--clip-context trains CLIP"),
                                            (["--schedule", "sd"], "--schedule sets the noise schedule")])
 def test_a_clip_or_schedule_option_with_continue_from_is_a_one_line_error(tmp_path, capsys, option, kept):

@@ -103,7 +103,8 @@ class ShapesModelRecipe:
         return replace(self, scenes=64, vae_train=short(self.vae_train), decoder_train=short(self.decoder_train),
                        clip_train=replace(short(self.clip_train), batch_size=16),
                        unet_train=replace(short(self.unet_train), batch_size=8),
-                       unet_refine_train=self.unet_refine_train and replace(short(self.unet_refine_train), batch_size=8))
+                       unet_refine_train=self.unet_refine_train and replace(short(self.unet_refine_train),
+                                                                            batch_size=8))
 
 
 def render_scenes(count: int, size: int, seed: int, one_object_fraction: float = 0.5) -> tuple[torch.Tensor, list[str]]:
@@ -259,7 +260,6 @@ def train_shapes_model(out: str | Path, run_dir: str | Path, recipe: ShapesModel
     (out / "training.json").write_text(json.dumps({"recipe": _jsonable(asdict(recipe)), "summary": summary},
                                                   indent=2) + "\n")
     return out
-
 
 
 def continue_unet(model: str | Path, out: str | Path, run_dir: str | Path,
