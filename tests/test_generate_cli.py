@@ -348,3 +348,22 @@ def test_model_hash_is_cached_and_computed_again_when_a_weight_file_changes(mode
     assert hashed and changed != first
     (tmp_path / "cache" / "ldmkit" / load_module.HASH_CACHE_FILE).write_text("{not json")
     assert model_hash(copy) == changed  # a damaged cache is ignored and rewritten
+
+
+def test_a_ctrl_c_that_python_swallows_is_raised_again_at_the_next_check():
+    """A KeyboardInterrupt landing in a finalizer is dropped by Python ("Exception ignored in");
+    `ldmkit generate` remembers the Ctrl-C and raises it at its next per-step check."""
+    import signal
+
+    from ldmkit.cli import _interrupt_kept
+
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupt_kept() as check:
+        check()  # nothing pending
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # as a finalizer would swallow it
+        with pytest.raises(KeyboardInterrupt):
+            check()
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back

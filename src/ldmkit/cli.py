@@ -6,9 +6,12 @@ listing it in SUBCOMMANDS. User mistakes (LdmkitError) become one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -290,6 +293,31 @@ def _generate_batch(pipe, args, job: _Job, generators: list, callback) -> list:
     return pipe.txt2img(args.prompt, height=job.height, width=job.width, **common)
 
 
+@contextlib.contextmanager
+def _interrupt_kept():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, and the block gets a
+    `check()` that raises it again: Python drops a KeyboardInterrupt that lands in a finalizer
+    (`__del__`, a weakref callback), and then a Ctrl-C would be lost and the run go on."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        yield lambda: None
+        return
+    caught = []
+
+    def on_sigint(signum, frame):
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if caught:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_job(pipe, args, job: _Job) -> list:
     """Generate in batches, writing each PNG as soon as its batch is done; returns the images."""
     import torch
@@ -302,13 +330,16 @@ def _run_job(pipe, args, job: _Job) -> list:
     bar = tqdm(total=job.steps * math.ceil(n / job.batch), desc="generating", unit="step")
     images = []
     try:
-        for start in range(0, n, job.batch):
-            generators = seed_generators(job.seed + start, min(job.batch, n - start))
-            batch = _generate_batch(pipe, args, job, generators, callback=lambda i, x: bar.update())
-            for k, image in enumerate(batch, start):
-                save_png(image, job.paths[k], {**job.parameters, "seed": job.seed + k})
-                tqdm.write(f"wrote {job.paths[k]}", file=sys.stdout)
-            images += batch
+        with _interrupt_kept() as check_interrupt:
+            for start in range(0, n, job.batch):
+                generators = seed_generators(job.seed + start, min(job.batch, n - start))
+                batch = _generate_batch(pipe, args, job, generators,
+                                        callback=lambda i, x: (bar.update(), check_interrupt()))
+                for k, image in enumerate(batch, start):
+                    save_png(image, job.paths[k], {**job.parameters, "seed": job.seed + k})
+                    tqdm.write(f"wrote {job.paths[k]}", file=sys.stdout)
+                    check_interrupt()
+                images += batch
     except torch.OutOfMemoryError as e:
         raise GenerationError(f"out of memory in batches of {job.batch}; pass a smaller --batch-size ({e})") from None
     finally:
