@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit.kernels import attention
+
 
 def timestep_embedding(
     t: Tensor,
@@ -106,7 +108,8 @@ class Attention(nn.Module):
     """Multi-head scaled dot-product attention over tokens (Vaswani et al. 2017).
 
     Self-attention when `context` is None, cross-attention on `context` (B, M, context_dim)
-    otherwise. Runs on `F.scaled_dot_product_attention`, which picks a fused kernel.
+    otherwise. Runs on `kernels.attention`: our AMX kernel for bf16 inference on CPUs that have it,
+    else `F.scaled_dot_product_attention`, which picks a fused kernel.
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, nh, N, hd)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        out = attention(q, k, v)  # (B, nh, N, hd)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, nh*hd)
         return _project(self.to_out, out, residual)  # (B, N, query_dim)
 

@@ -237,8 +237,9 @@ class Trainer:
     """
 
     def __init__(self, stage: Stage, config: TrainConfig, run_dir: str | Path, device: str | torch.device = "cpu",
-                 progress: bool = True) -> None:
+                 progress: bool = True, label: str | None = None) -> None:
         self.stage, self.config = stage, config
+        self.label = label or stage.name  # the progress bar's name: a stage may train twice (a warm restart)
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         self.rank, self.world_size = world()
@@ -335,7 +336,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(
                 json.dumps({"stage": self.stage.name, **asdict(self.config)}, indent=2) + "\n")
         writer = EventWriter(self.run_dir) if self.rank == 0 else None
-        bar = tqdm(total=self.config.steps, initial=self.step, desc=f"training {self.stage.name}",
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=f"training {self.label}",
                    unit="step", disable=not self.progress)
         try:
             while self.step < self.config.steps:

@@ -1,0 +1,292 @@
+// Flash attention for bf16 on Intel AMX (Sapphire Rapids and later), called through ctypes.
+//
+// Why our own: at SD's head widths (40, 64) PyTorch's CPU flash kernel spends most of its time
+// outside the matrix products: it writes fp32 scores, makes separate passes for the row max and
+// the float32 exp, and calls a general GEMM per block. Here the scores of 16 queries x 256 keys
+// stay in L1, both products run on AMX tiles, and exp is a 2^x polynomial accurate to 1e-4,
+// below the bf16 rounding (4e-3) that the probabilities get anyway.
+//
+// q, k, v and out are (B, H, tokens, width) with any strides but a contiguous last dimension, so
+// the caller's (B, N, H, D) projections are read and written in place. K and V are first packed
+// per head into the VNNI layouts of AMX B tiles (in `scratch`):
+//   kp (nkv/16, ksteps, 16, 16, 2)   K^T: per 16 keys and 32 widths, pairs of widths
+//   vp (nkv/32, nct, 16, 16, 2)      V: per 32 keys and 16 columns, pairs of keys
+// with nkv the key count rounded up to 256 and zeros past the real keys and widths.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int kQRows = 16;     // queries per work item: one tile of rows
+constexpr int kKeyBlock = 256; // keys per softmax block: 16x256 fp32 scores = 16 KB
+constexpr float kMaxBound = 62.0f;  // base-2 scores lie in [-bound, bound]: 2^(-2*62) is still normal
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 2^x for x <= 0: 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5)
+inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, xi);
+  __m512 p = _mm512_set1_ps(0.07803769f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22608059f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69581068f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992900f));
+  return _mm512_scalef_ps(p, xi);
+}
+
+inline void store_bf16(uint16_t* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// scores (16 x 256, tiles 3..6 per 64 keys) = q tiles 0/1 . kp tiles, B operands in tiles 2/7
+template <int KSTEPS>
+void block_scores(const uint16_t* kp_block, float* scores) {
+  for (int g = 0; g < kKeyBlock / 64; ++g) {
+    _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6);
+    const uint16_t* k = kp_block + g * 4 * KSTEPS * 512;
+#define LDM_KEY_TILE(c, t)                                        \
+    _tile_loadd(2, k + ((c) * KSTEPS + 0) * 512, 64);            \
+    _tile_dpbf16ps(t, 0, 2);                                     \
+    if (KSTEPS == 2) {                                           \
+      _tile_loadd(7, k + ((c) * KSTEPS + 1) * 512, 64);          \
+      _tile_dpbf16ps(t, 1, 7);                                   \
+    }
+    LDM_KEY_TILE(0, 3) LDM_KEY_TILE(1, 4) LDM_KEY_TILE(2, 5) LDM_KEY_TILE(3, 6)
+#undef LDM_KEY_TILE
+    float* s = scores + g * 64;
+    _tile_stored(3, s, kKeyBlock * 4);
+    _tile_stored(4, s + 16, kKeyBlock * 4);
+    _tile_stored(5, s + 32, kKeyBlock * 4);
+    _tile_stored(6, s + 48, kKeyBlock * 4);
+  }
+}
+
+// acc (16 x 16*nct fp32, tiles 3..) += probs (16 x 256 bf16, A tile 2) . vp (B tiles 0/1)
+template <int NCT>
+void block_values(const uint16_t* probs, const uint16_t* vp_block, float* acc) {
+  constexpr int kAccStride = 64 * 4;
+  if (NCT > 0) _tile_loadd(3, acc, kAccStride);
+  if (NCT > 1) _tile_loadd(4, acc + 16, kAccStride);
+  if (NCT > 2) _tile_loadd(5, acc + 32, kAccStride);
+  if (NCT > 3) _tile_loadd(6, acc + 48, kAccStride);
+  for (int j = 0; j < kKeyBlock / 32; ++j) {
+    _tile_loadd(2, probs + j * 32, kKeyBlock * 2);
+    const uint16_t* v = vp_block + j * NCT * 512;
+    if (NCT > 0) { _tile_loadd(0, v, 64); _tile_dpbf16ps(3, 2, 0); }
+    if (NCT > 1) { _tile_loadd(1, v + 512, 64); _tile_dpbf16ps(4, 2, 1); }
+    if (NCT > 2) { _tile_loadd(0, v + 1024, 64); _tile_dpbf16ps(5, 2, 0); }
+    if (NCT > 3) { _tile_loadd(1, v + 1536, 64); _tile_dpbf16ps(6, 2, 1); }
+  }
+  if (NCT > 0) _tile_stored(3, acc, kAccStride);
+  if (NCT > 1) _tile_stored(4, acc + 16, kAccStride);
+  if (NCT > 2) _tile_stored(5, acc + 32, kAccStride);
+  if (NCT > 3) _tile_stored(6, acc + 48, kAccStride);
+}
+
+// One block of the online softmax: probs = 2^(c*s - m) as bf16 and the row sums l. With
+// `bounded`, m holds an upper bound of each row's scaled scores for all keys (|q||k|max, by
+// Cauchy-Schwarz), fixed for the whole row: no max pass, no rescaling of acc. Otherwise m is the
+// running row max, and acc and l are rescaled when it grows.
+void block_softmax(const float* scores, int valid, float c, bool bounded, float* m, float* l, float* acc,
+                   uint16_t* probs, int nct) {
+  const __m512 vc = _mm512_set1_ps(c);
+  const int full = valid & ~31;  // columns handled two vectors at a time
+  const __mmask16 tail_lo = valid - full >= 16 ? 0xffff : (__mmask16)((1u << (valid - full)) - 1);
+  const __mmask16 tail_hi = valid - full > 16 ? (__mmask16)((1u << (valid - full - 16)) - 1) : 0;
+  for (int r = 0; r < kQRows; ++r) {
+    const float* s = scores + r * kKeyBlock;
+    if (!bounded) {
+      __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+      for (int j = 0; j < full; j += 32) {
+        mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + j));
+        mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + j + 16));
+      }
+      if (full < valid) {
+        mx0 = _mm512_mask_max_ps(mx0, tail_lo, mx0, _mm512_maskz_loadu_ps(tail_lo, s + full));
+        mx1 = _mm512_mask_max_ps(mx1, tail_hi, mx1, _mm512_maskz_loadu_ps(tail_hi, s + full + 16));
+      }
+      const float m_new = fmaxf(m[r], _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)) * c);
+      const float alpha = exp2f(m[r] - m_new);  // 0 on the first block (m = -inf)
+      m[r] = m_new;
+      l[r] *= alpha;
+      float* a = acc + r * 64;
+      for (int k = 0; k < nct; ++k)
+        _mm512_storeu_ps(a + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * k), _mm512_set1_ps(alpha)));
+    }
+    const __m512 vm = _mm512_set1_ps(m[r]);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+    uint16_t* p = probs + r * kKeyBlock;
+    for (int j = 0; j < full; j += 32) {
+      const __m512 e0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm));
+      const __m512 e1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), vc, vm));
+      sum0 = _mm512_add_ps(sum0, e0);
+      sum1 = _mm512_add_ps(sum1, e1);
+      _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    if (full < kKeyBlock) {  // the last, partial block: keys past kv_len get weight 0
+      for (int j = full; j < kKeyBlock; j += 32) {
+        const __mmask16 lo = j == full ? tail_lo : 0, hi = j == full ? tail_hi : 0;
+        const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s + j), vc, vm)));
+        const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + j + 16), vc, vm)));
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+    }
+    l[r] += _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+  }
+}
+
+template <int KSTEPS, int NCT>
+void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int kv_len, float c,
+                 const float* bounds) {
+  alignas(64) float scores[kQRows * kKeyBlock];
+  alignas(64) uint16_t probs[kQRows * kKeyBlock];
+  alignas(64) float acc[kQRows * 64];
+  float m[kQRows], l[kQRows];
+  // a fixed bound per row is safe while no score lies more than 2^-126 below it
+  bool bounded = bounds != nullptr;
+  for (int r = 0; r < kQRows && bounded; ++r) bounded = bounds[r] < kMaxBound;
+  for (int r = 0; r < kQRows; ++r) { m[r] = bounded ? bounds[r] : -INFINITY; l[r] = 0.0f; }
+  memset(acc, 0, sizeof acc);
+  const int blocks = (kv_len + kKeyBlock - 1) / kKeyBlock;
+  for (int b = 0; b < blocks; ++b) {
+    _tile_loadd(0, q, KSTEPS * 64);
+    if (KSTEPS == 2) _tile_loadd(1, q + 32, KSTEPS * 64);
+    block_scores<KSTEPS>(kp + (size_t)b * (kKeyBlock / 16) * KSTEPS * 512, scores);
+    const int valid = kv_len - b * kKeyBlock < kKeyBlock ? kv_len - b * kKeyBlock : kKeyBlock;
+    block_softmax(scores, valid, c, bounded, m, l, acc, probs, NCT);
+    block_values<NCT>(probs, vp + (size_t)b * (kKeyBlock / 32) * NCT * 512, acc);
+  }
+  for (int r = 0; r < kQRows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+    for (int k = 0; k < NCT; ++k) store_bf16(out + r * NCT * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 64 + 16 * k), inv));
+  }
+}
+
+using RowsFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, float, const float*);
+
+RowsFn pick(int ksteps, int nct) {
+  static const RowsFn table[2][4] = {
+      {attend_rows<1, 1>, attend_rows<1, 2>, attend_rows<1, 3>, attend_rows<1, 4>},
+      {attend_rows<2, 1>, attend_rows<2, 2>, attend_rows<2, 3>, attend_rows<2, 4>}};
+  return table[ksteps - 1][nct - 1];
+}
+
+inline float bf16_to_float(uint16_t x) {
+  const uint32_t bits = (uint32_t)x << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its first three dimensions
+  uint16_t* data;
+  long sb, sh, sn;
+  uint16_t* row(long b, long h, long n) const { return data + b * sb + h * sh + n * sn; }
+};
+
+// K^T and V of head (b, h) in their tile layouts; returns the largest |k|
+float pack_head(const View& k, const View& v, long b, long h, int m, int d, int dv, int ksteps, int nkv, int nct,
+                uint16_t* kp, uint16_t* vp) {
+  const int dk = 32 * ksteps, dvp = 16 * nct;
+  float kmax2 = 0.0f;
+  for (int key = 0; key < nkv; ++key) {
+    const uint16_t* kr = key < m ? k.row(b, h, key) : nullptr;
+    const uint16_t* vr = key < m ? v.row(b, h, key) : nullptr;
+    uint16_t* kt = kp + (long)(key / 16) * ksteps * 512 + (key % 16) * 2;
+    float norm2 = 0.0f;
+    for (int w = 0; w < dk; ++w) {
+      const uint16_t x = kr && w < d ? kr[w] : 0;
+      norm2 += bf16_to_float(x) * bf16_to_float(x);
+      kt[(w / 32) * 512 + ((w % 32) / 2) * 32 + (w % 2)] = x;
+    }
+    kmax2 = fmaxf(kmax2, norm2);
+    uint16_t* vt = vp + (long)(key / 32) * nct * 512 + ((key % 32) / 2) * 32 + (key % 2);
+    for (int col = 0; col < dvp; ++col) vt[(col / 16) * 512 + (col % 16) * 2] = vr && col < dv ? vr[col] : 0;
+  }
+  return sqrtf(kmax2);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Ask Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 0 on success.
+int ldm_amx_init() { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
+
+// Bytes of scratch that ldm_amx_attention needs.
+long ldm_amx_scratch_bytes(int b, int h, int m, int d, int dv) {
+  const long nkv = (m + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  return (long)b * h * nkv * (32 * ((d + 31) / 32) + 16 * ((dv + 15) / 16)) * 2 + (long)b * h * 4;
+}
+
+// out = softmax(scale * q k^T) v, q (B, H, n, d), k (B, H, m, d), v (B, H, m, dv), out (B, H, n, dv);
+// strides[12] = (b, h, token) element strides of q, k, v, out. Returns nonzero for unsupported sizes.
+int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, const long* strides, int batch,
+                      int heads, int n, int m, int d, int dv, float scale, void* scratch, int threads) {
+  const int ksteps = (d + 31) / 32, nct = (dv + 15) / 16;
+  if (ksteps > 2 || nct > 4 || n < 1 || m < 1) return 1;
+  const View qv{q, strides[0], strides[1], strides[2]}, kv{k, strides[3], strides[4], strides[5]},
+      vv{v, strides[6], strides[7], strides[8]}, ov{out, strides[9], strides[10], strides[11]};
+  const int nkv = (m + kKeyBlock - 1) / kKeyBlock * kKeyBlock, dk = 32 * ksteps;
+  const long bh = (long)batch * heads, qblocks = (n + kQRows - 1) / kQRows;
+  const long kp_size = (long)nkv * dk, vp_size = (long)nkv * 16 * nct;
+  uint16_t* kp = static_cast<uint16_t*>(scratch);
+  uint16_t* vp = kp + bh * kp_size;
+  float* kmax = reinterpret_cast<float*>(vp + bh * vp_size);
+  const RowsFn rows = pick(ksteps, nct);
+  const float c = scale * 1.4426950408889634f;  // scores to base 2
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (long i = 0; i < bh; ++i)
+      kmax[i] = pack_head(kv, vv, i / heads, i % heads, m, d, dv, ksteps, nkv, nct, kp + i * kp_size, vp + i * vp_size);
+    configure_tiles();
+    alignas(64) uint16_t qblock[kQRows * 64];
+    alignas(64) uint16_t oblock[kQRows * 64];
+    float bounds[kQRows];
+#pragma omp for schedule(static)
+    for (long i = 0; i < bh * qblocks; ++i) {
+      const long hb = i / qblocks, b = hb / heads, h = hb % heads, first = (i % qblocks) * kQRows;
+      for (int r = 0; r < kQRows; ++r) {  // the block's queries, zero-padded to 16 x dk
+        const uint16_t* src = first + r < n ? qv.row(b, h, first + r) : nullptr;
+        float norm2 = 0.0f;
+        for (int w = 0; w < dk; ++w) {
+          const uint16_t x = src && w < d ? src[w] : 0;
+          norm2 += bf16_to_float(x) * bf16_to_float(x);
+          qblock[r * dk + w] = x;
+        }
+        bounds[r] = c * sqrtf(norm2) * kmax[hb];
+      }
+      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds);
+      for (int r = 0; r < kQRows && first + r < n; ++r)
+        memcpy(ov.row(b, h, first + r), oblock + r * nct * 16, dv * 2);
+    }
+    _tile_release();
+  }
+  return 0;
+}
+}
