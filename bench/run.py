@@ -71,6 +71,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ldmkit import kernels
 from ldmkit.checkpoints.keys_unet_vae import unet_config_to_diffusers, vae_config_to_diffusers
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldmkit.models import onednn
@@ -95,6 +96,7 @@ SD15_SCHEDULER = dict(
 D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit bf16 CL", "ldmkit bf16 CL compile"
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
 LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on the CPU
+LPS = "ldmkit bf16 packed SDPA"  # the same with PyTorch's attention kernel in place of our AMX one
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
@@ -396,8 +398,17 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
         with torch.autocast("cpu", dtype=BF16):
             return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
+    def packed_sdpa():
+        previous = kernels.set_amx_attention(False)
+        try:
+            return m.unet_packed(x16, t, ctx16)
+        finally:
+            kernels.set_amx_attention(previous)
+
     variants = {D32: d32, DAC: dac, L32: lambda: m.unet(x, t, ctx), LCL: lambda: m.unet_cl(x_cl, t, ctx),
                 L16: lambda: m.unet16(x16, t, ctx16), LPK: lambda: m.unet_packed(x16, t, ctx16)}
+    if kernels.amx_attention_available():
+        variants[LPS] = packed_sdpa
     if compile_:
         variants[LCO] = lambda: m.unet_compiled(x16, t, ctx16)
     what = f"batch {sizes.batch}, {cfg.in_channels}x{side}x{side} latents, 77x{cfg.context_dim} context"
@@ -674,7 +685,7 @@ def quality_checks(workloads: dict[str, Workload]) -> list[Check]:
     unet, vae, text = (workloads.get(k) for k in ("U-Net step", "VAE decode", "text encode"))
     if unet is not None:
         for a, b, target in ((L16, L32, UNET_REL_ERR_TARGET), (LPK, L32, UNET_REL_ERR_TARGET),
-                             (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
+                             (LPS, L32, UNET_REL_ERR_TARGET), (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
                              (L32, D32, None), (LCL, L32, None)):
             if unet.has(a, b):
                 checks.append(Check(f"U-Net {a} vs {b}: relative L2 error", rel_err(unet.out(a), unet.out(b)), "",

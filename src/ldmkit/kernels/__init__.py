@@ -34,6 +34,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 _enabled = os.environ.get("LDMKIT_AMX_ATTENTION", "1") != "0"
+_scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
 
 
 def _cpu_has_amx() -> bool:
@@ -116,10 +117,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     (b, h, n, d), m, dv = q.shape, k.shape[2], v.shape[-1]
     out = q.new_empty(b, n, h, dv).transpose(1, 2)  # (B, H, N, dv) view of (B, N, H, dv)
-    scratch = torch.empty(lib.ldm_amx_scratch_bytes(b, h, m, d, dv), dtype=torch.uint8)
     strides = (ctypes.c_long * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
-    status = lib.ldm_amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides, b, h, n, m,
-                                   d, dv, d ** -0.5, scratch.data_ptr(), torch.get_num_threads())
+    with _lock:
+        global _scratch
+        if _scratch.numel() < (size := lib.ldm_amx_scratch_bytes(b, h, m, d, dv)):
+            _scratch = torch.empty(size, dtype=torch.uint8)
+        status = lib.ldm_amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides, b, h, n,
+                                       m, d, dv, d ** -0.5, _scratch.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"amx_attention refused shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     return out

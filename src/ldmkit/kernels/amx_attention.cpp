@@ -3,8 +3,11 @@
 // Why our own: at SD's head widths (40, 64) PyTorch's CPU flash kernel spends most of its time
 // outside the matrix products: it writes fp32 scores, makes separate passes for the row max and
 // the float32 exp, and calls a general GEMM per block. Here the scores of 16 queries x 256 keys
-// stay in L1, both products run on AMX tiles, and exp is a 2^x polynomial accurate to 1e-4,
-// below the bf16 rounding (4e-3) that the probabilities get anyway.
+// stay in L1, both products run on AMX tiles, exp is a 2^x polynomial accurate to 1e-4 (below the
+// bf16 rounding, 4e-3, that the probabilities get anyway), and the row max is usually not needed:
+// softmax is the same for any shift of a row, and |q||k|max bounds the row's scores (Cauchy-
+// Schwarz), so with that bound as the shift nothing overflows, and while the bound is small
+// nothing underflows either. Rows with larger bounds take the usual running max.
 //
 // q, k, v and out are (B, H, tokens, width) with any strides but a contiguous last dimension, so
 // the caller's (B, N, H, D) projections are read and written in place. K and V are first packed
@@ -44,9 +47,9 @@ void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
 }
 
-// 2^x for x <= 0: 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5)
+// 2^x for x <= 0: 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5);
+// scalef takes exponents far below -126 to 0 (or subnormals) by itself
 inline __m512 exp2_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
   const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, xi);
   __m512 p = _mm512_set1_ps(0.07803769f);
@@ -55,6 +58,9 @@ inline __m512 exp2_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992900f));
   return _mm512_scalef_ps(p, xi);
 }
+
+// lanes [0, n) of 16 (none for n <= 0, all for n >= 16)
+inline __mmask16 mask_from(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
 
 inline void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
@@ -83,80 +89,63 @@ void block_scores(const uint16_t* kp_block, float* scores) {
   }
 }
 
-// acc (16 x 16*nct fp32, tiles 3..) += probs (16 x 256 bf16, A tile 2) . vp (B tiles 0/1)
+// Online softmax, when no fixed bound is safe: m becomes the running max of each row's scaled
+// scores, and what acc and l hold so far is rescaled to it.
+void raise_row_max(const float* scores, int valid, float c, float* m, float* l, float* acc, int nct) {
+  for (int r = 0; r < kQRows; ++r) {
+    const float* s = scores + r * kKeyBlock;
+    __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+    for (int j = 0; j < valid; j += 32) {
+      const __mmask16 lo = mask_from(valid - j), hi = mask_from(valid - j - 16);
+      mx0 = _mm512_mask_max_ps(mx0, lo, mx0, _mm512_maskz_loadu_ps(lo, s + j));
+      mx1 = _mm512_mask_max_ps(mx1, hi, mx1, _mm512_maskz_loadu_ps(hi, s + j + 16));
+    }
+    const float m_new = fmaxf(m[r], _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)) * c);
+    const float alpha = exp2f(m[r] - m_new);  // 0 on the first block (m = -inf)
+    m[r] = m_new;
+    l[r] *= alpha;
+    float* a = acc + r * 64;
+    for (int k = 0; k < nct; ++k)
+      _mm512_storeu_ps(a + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * k), _mm512_set1_ps(alpha)));
+  }
+}
+
+// One block of keys after its scores: per 32 keys, probs = 2^(c*s - m) as bf16 for all 16 rows
+// (row sums into l), then acc (16 x 16*NCT fp32, tiles 3..6) += probs . V on the tiles (A tile 2,
+// B tiles 0, 1, 7, 1). The AMX products of one 32-key step overlap the exponentials of the next.
 template <int NCT>
-void block_values(const uint16_t* probs, const uint16_t* vp_block, float* acc) {
+void block_probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
+                        const uint16_t* vp_block, float* acc) {
   constexpr int kAccStride = 64 * 4;
   if (NCT > 0) _tile_loadd(3, acc, kAccStride);
   if (NCT > 1) _tile_loadd(4, acc + 16, kAccStride);
   if (NCT > 2) _tile_loadd(5, acc + 32, kAccStride);
   if (NCT > 3) _tile_loadd(6, acc + 48, kAccStride);
-  for (int j = 0; j < kKeyBlock / 32; ++j) {
-    _tile_loadd(2, probs + j * 32, kKeyBlock * 2);
-    const uint16_t* v = vp_block + j * NCT * 512;
+  const __m512 vc = _mm512_set1_ps(c);
+  __m512 sums[kQRows];
+  for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
+  for (int j = 0; j < valid; j += 32) {  // keys past kv_len get weight 0
+    const __mmask16 lo = mask_from(valid - j), hi = mask_from(valid - j - 16);
+    for (int r = 0; r < kQRows; ++r) {
+      const float* s = scores + r * kKeyBlock + j;
+      const __m512 vm = _mm512_set1_ps(m[r]);
+      const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm)));
+      const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm)));
+      sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    _tile_loadd(2, probs + j, kKeyBlock * 2);
+    const uint16_t* v = vp_block + (j / 32) * NCT * 512;
     if (NCT > 0) { _tile_loadd(0, v, 64); _tile_dpbf16ps(3, 2, 0); }
     if (NCT > 1) { _tile_loadd(1, v + 512, 64); _tile_dpbf16ps(4, 2, 1); }
-    if (NCT > 2) { _tile_loadd(0, v + 1024, 64); _tile_dpbf16ps(5, 2, 0); }
+    if (NCT > 2) { _tile_loadd(7, v + 1024, 64); _tile_dpbf16ps(5, 2, 7); }
     if (NCT > 3) { _tile_loadd(1, v + 1536, 64); _tile_dpbf16ps(6, 2, 1); }
   }
+  for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
   if (NCT > 0) _tile_stored(3, acc, kAccStride);
   if (NCT > 1) _tile_stored(4, acc + 16, kAccStride);
   if (NCT > 2) _tile_stored(5, acc + 32, kAccStride);
   if (NCT > 3) _tile_stored(6, acc + 48, kAccStride);
-}
-
-// One block of the online softmax: probs = 2^(c*s - m) as bf16 and the row sums l. With
-// `bounded`, m holds an upper bound of each row's scaled scores for all keys (|q||k|max, by
-// Cauchy-Schwarz), fixed for the whole row: no max pass, no rescaling of acc. Otherwise m is the
-// running row max, and acc and l are rescaled when it grows.
-void block_softmax(const float* scores, int valid, float c, bool bounded, float* m, float* l, float* acc,
-                   uint16_t* probs, int nct) {
-  const __m512 vc = _mm512_set1_ps(c);
-  const int full = valid & ~31;  // columns handled two vectors at a time
-  const __mmask16 tail_lo = valid - full >= 16 ? 0xffff : (__mmask16)((1u << (valid - full)) - 1);
-  const __mmask16 tail_hi = valid - full > 16 ? (__mmask16)((1u << (valid - full - 16)) - 1) : 0;
-  for (int r = 0; r < kQRows; ++r) {
-    const float* s = scores + r * kKeyBlock;
-    if (!bounded) {
-      __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
-      for (int j = 0; j < full; j += 32) {
-        mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(s + j));
-        mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(s + j + 16));
-      }
-      if (full < valid) {
-        mx0 = _mm512_mask_max_ps(mx0, tail_lo, mx0, _mm512_maskz_loadu_ps(tail_lo, s + full));
-        mx1 = _mm512_mask_max_ps(mx1, tail_hi, mx1, _mm512_maskz_loadu_ps(tail_hi, s + full + 16));
-      }
-      const float m_new = fmaxf(m[r], _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)) * c);
-      const float alpha = exp2f(m[r] - m_new);  // 0 on the first block (m = -inf)
-      m[r] = m_new;
-      l[r] *= alpha;
-      float* a = acc + r * 64;
-      for (int k = 0; k < nct; ++k)
-        _mm512_storeu_ps(a + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * k), _mm512_set1_ps(alpha)));
-    }
-    const __m512 vm = _mm512_set1_ps(m[r]);
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
-    uint16_t* p = probs + r * kKeyBlock;
-    for (int j = 0; j < full; j += 32) {
-      const __m512 e0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm));
-      const __m512 e1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), vc, vm));
-      sum0 = _mm512_add_ps(sum0, e0);
-      sum1 = _mm512_add_ps(sum1, e1);
-      _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    }
-    if (full < kKeyBlock) {  // the last, partial block: keys past kv_len get weight 0
-      for (int j = full; j < kKeyBlock; j += 32) {
-        const __mmask16 lo = j == full ? tail_lo : 0, hi = j == full ? tail_hi : 0;
-        const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s + j), vc, vm)));
-        const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + j + 16), vc, vm)));
-        sum0 = _mm512_add_ps(sum0, e0);
-        sum1 = _mm512_add_ps(sum1, e1);
-        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-      }
-    }
-    l[r] += _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-  }
 }
 
 template <int KSTEPS, int NCT>
@@ -177,8 +166,8 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
     if (KSTEPS == 2) _tile_loadd(1, q + 32, KSTEPS * 64);
     block_scores<KSTEPS>(kp + (size_t)b * (kKeyBlock / 16) * KSTEPS * 512, scores);
     const int valid = kv_len - b * kKeyBlock < kKeyBlock ? kv_len - b * kKeyBlock : kKeyBlock;
-    block_softmax(scores, valid, c, bounded, m, l, acc, probs, NCT);
-    block_values<NCT>(probs, vp + (size_t)b * (kKeyBlock / 32) * NCT * 512, acc);
+    if (!bounded) raise_row_max(scores, valid, c, m, l, acc, NCT);
+    block_probs_values<NCT>(scores, valid, c, m, l, probs, vp + (size_t)b * (kKeyBlock / 32) * NCT * 512, acc);
   }
   for (int r = 0; r < kQRows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[r]);

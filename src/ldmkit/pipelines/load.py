@@ -9,7 +9,9 @@ non-finite decode is still retried in float32 by the pipeline).
 
 On the CPU in bf16 the U-Net's convolutions, linear layers and GEGLUs are prepacked for oneDNN
 (`ldmkit.models.onednn`: weights reordered once instead of every step, GEGLU as two GEMMs with
-fused post-ops) and the VAE runs channels_last; measured in bench/RESULTS.md.
+fused post-ops), attention runs on our AMX kernel where the CPU has AMX (`ldmkit.kernels`, built
+here rather than in the first sampling step) and the VAE runs channels_last; measured in
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from ..cache import user_cache_dir
 from ..checkpoints.io import write_text_atomic
 from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
@@ -166,5 +169,6 @@ def load_pipeline(
         comps.vae.to(memory_format=torch.channels_last)
         if prepack and onednn.available():
             onednn.prepack(comps.unet)
+        kernels.amx_attention_available()
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
                            NoiseSchedule(comps.schedule_config))
