@@ -27,7 +27,7 @@ SOURCE = Path(__file__).with_name("amx_attention.cpp")
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags the kernel needs
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw",
                  "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
-MAX_WIDTH = 64  # head widths the kernel takes (query/key and value)
+MAX_WIDTH = 64  # head widths the kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
 
 _lock = threading.Lock()
@@ -103,7 +103,7 @@ def set_amx_attention(enabled: bool) -> bool:
 def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and q.ndim == k.ndim == v.ndim == 4
-            and q.shape[-1] <= MAX_WIDTH and v.shape[-1] <= MAX_WIDTH
+            and q.shape[-1] <= MAX_WIDTH and q.shape[-1] % 2 == 0 and v.shape[-1] <= MAX_WIDTH
             and q.shape[2] * k.shape[2] >= MIN_SCORES
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 

@@ -184,39 +184,78 @@ RowsFn pick(int ksteps, int nct) {
   return table[ksteps - 1][nct - 1];
 }
 
-inline float bf16_to_float(uint16_t x) {
-  const uint32_t bits = (uint32_t)x << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its first three dimensions
   uint16_t* data;
   long sb, sh, sn;
   uint16_t* row(long b, long h, long n) const { return data + b * sb + h * sh + n * sn; }
 };
 
-// K^T and V of head (b, h) in their tile layouts; returns the largest |k|
-float pack_head(const View& k, const View& v, long b, long h, int m, int d, int dv, int ksteps, int nkv, int nct,
-                uint16_t* kp, uint16_t* vp) {
-  const int dk = 32 * ksteps, dvp = 16 * nct;
-  float kmax2 = 0.0f;
-  for (int key = 0; key < nkv; ++key) {
-    const uint16_t* kr = key < m ? k.row(b, h, key) : nullptr;
-    const uint16_t* vr = key < m ? v.row(b, h, key) : nullptr;
-    uint16_t* kt = kp + (long)(key / 16) * ksteps * 512 + (key % 16) * 2;
-    float norm2 = 0.0f;
-    for (int w = 0; w < dk; ++w) {
-      const uint16_t x = kr && w < d ? kr[w] : 0;
-      norm2 += bf16_to_float(x) * bf16_to_float(x);
-      kt[(w / 32) * 512 + ((w % 32) / 2) * 32 + (w % 2)] = x;
+inline __mmask32 mask32_from(int n) { return n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : ((__mmask32)1 << n) - 1; }
+
+// sum of squares of the bf16 values in x (bf16 is the top half of a float32)
+inline __m512 squares(__m512i x, __m512 acc) {
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000)));
+  return _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, acc));
+}
+
+// K^T of head (b, h) in its tile layout, 16 keys at a time: lane j of the vector stored for width
+// pair p is key j's pair p. Returns the largest |k|.
+float pack_keys(const View& k, long b, long h, int m, int d, int ksteps, int nkv, uint16_t* kp) {
+  const int pairs = d / 2;  // d is even: a pair never reads past a row
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)k.sn));
+  __m512 kmax2 = _mm512_setzero_ps();
+  for (int key = 0; key < nkv; key += 16) {
+    const __mmask16 live = mask_from(m - key);
+    const uint16_t* base = live ? k.row(b, h, key) : nullptr;
+    uint16_t* kt = kp + (long)(key / 16) * ksteps * 512;
+    __m512 norm2 = _mm512_setzero_ps();
+    for (int p = 0; p < 16 * ksteps; ++p) {
+      __m512i x = _mm512_setzero_si512();
+      if (p < pairs && live) {
+        x = _mm512_mask_i32gather_epi32(x, live, lanes, base + 2 * p, 2);  // 4 bytes at base + 2*lane*sn
+        norm2 = squares(x, norm2);
+      }
+      _mm512_storeu_si512(kt + (p / 16) * 512 + (p % 16) * 32, x);
     }
-    kmax2 = fmaxf(kmax2, norm2);
-    uint16_t* vt = vp + (long)(key / 32) * nct * 512 + ((key % 32) / 2) * 32 + (key % 2);
-    for (int col = 0; col < dvp; ++col) vt[(col / 16) * 512 + (col % 16) * 2] = vr && col < dv ? vr[col] : 0;
+    kmax2 = _mm512_max_ps(kmax2, norm2);
   }
-  return sqrtf(kmax2);
+  return sqrtf(_mm512_reduce_max_ps(kmax2));
+}
+
+// V of head (b, h) in its tile layout: keys 2p and 2p+1 interleaved, 16 columns at a time
+void pack_values(const View& v, long b, long h, int m, int dv, int nkv, int nct, uint16_t* vp) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int key = 0; key < nkv; key += 2) {
+    const uint16_t* r0 = key < m ? v.row(b, h, key) : nullptr;
+    const uint16_t* r1 = key + 1 < m ? v.row(b, h, key + 1) : nullptr;
+    uint16_t* vt = vp + (long)(key / 32) * nct * 512 + ((key % 32) / 2) * 32;
+    for (int c = 0; c < nct; ++c) {
+      const __mmask16 cols = mask_from(dv - 16 * c);
+      const __m256i a = r0 ? _mm256_maskz_loadu_epi16(cols, r0 + 16 * c) : _mm256_setzero_si256();
+      const __m256i z = r1 ? _mm256_maskz_loadu_epi16(cols, r1 + 16 * c) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), z, 1);
+      _mm512_storeu_si512(vt + c * 512, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+// the 16 queries from `first` zero-padded to 16 x 32*ksteps; bounds = c |q| kmax per query
+void load_queries(const View& q, long b, long h, long first, int n, int d, int ksteps, float c, float kmax,
+                  uint16_t* block, float* bounds) {
+  const int dk = 32 * ksteps;
+  for (int r = 0; r < kQRows; ++r) {
+    const uint16_t* src = first + r < n ? q.row(b, h, first + r) : nullptr;
+    __m512 norm2 = _mm512_setzero_ps();
+    for (int s = 0; s < ksteps; ++s) {
+      const __m512i x = src ? _mm512_maskz_loadu_epi16(mask32_from(d - 32 * s), src + 32 * s) : _mm512_setzero_si512();
+      norm2 = squares(x, norm2);
+      _mm512_storeu_si512(block + r * dk + 32 * s, x);
+    }
+    bounds[r] = c * sqrtf(_mm512_reduce_add_ps(norm2)) * kmax;
+  }
 }
 
 }  // namespace
@@ -233,11 +272,12 @@ long ldm_amx_scratch_bytes(int b, int h, int m, int d, int dv) {
 }
 
 // out = softmax(scale * q k^T) v, q (B, H, n, d), k (B, H, m, d), v (B, H, m, dv), out (B, H, n, dv);
-// strides[12] = (b, h, token) element strides of q, k, v, out. Returns nonzero for unsupported sizes.
+// strides[12] = (b, h, token) element strides of q, k, v, out. Returns nonzero for unsupported sizes
+// (d odd or over 64, dv over 64).
 int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, const long* strides, int batch,
                       int heads, int n, int m, int d, int dv, float scale, void* scratch, int threads) {
   const int ksteps = (d + 31) / 32, nct = (dv + 15) / 16;
-  if (ksteps > 2 || nct > 4 || n < 1 || m < 1) return 1;
+  if (ksteps > 2 || nct > 4 || d % 2 || n < 1 || m < 1) return 1;
   const View qv{q, strides[0], strides[1], strides[2]}, kv{k, strides[3], strides[4], strides[5]},
       vv{v, strides[6], strides[7], strides[8]}, ov{out, strides[9], strides[10], strides[11]};
   const int nkv = (m + kKeyBlock - 1) / kKeyBlock * kKeyBlock, dk = 32 * ksteps;
@@ -251,8 +291,10 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (long i = 0; i < bh; ++i)
-      kmax[i] = pack_head(kv, vv, i / heads, i % heads, m, d, dv, ksteps, nkv, nct, kp + i * kp_size, vp + i * vp_size);
+    for (long i = 0; i < bh; ++i) {
+      kmax[i] = pack_keys(kv, i / heads, i % heads, m, d, ksteps, nkv, kp + i * kp_size);
+      pack_values(vv, i / heads, i % heads, m, dv, nkv, nct, vp + i * vp_size);
+    }
     configure_tiles();
     alignas(64) uint16_t qblock[kQRows * 64];
     alignas(64) uint16_t oblock[kQRows * 64];
@@ -260,16 +302,7 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
 #pragma omp for schedule(static)
     for (long i = 0; i < bh * qblocks; ++i) {
       const long hb = i / qblocks, b = hb / heads, h = hb % heads, first = (i % qblocks) * kQRows;
-      for (int r = 0; r < kQRows; ++r) {  // the block's queries, zero-padded to 16 x dk
-        const uint16_t* src = first + r < n ? qv.row(b, h, first + r) : nullptr;
-        float norm2 = 0.0f;
-        for (int w = 0; w < dk; ++w) {
-          const uint16_t x = src && w < d ? src[w] : 0;
-          norm2 += bf16_to_float(x) * bf16_to_float(x);
-          qblock[r * dk + w] = x;
-        }
-        bounds[r] = c * sqrtf(norm2) * kmax[hb];
-      }
+      load_queries(qv, b, h, first, n, d, ksteps, c, kmax[hb], qblock, bounds);
       rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds);
       for (int r = 0; r < kQRows && first + r < n; ++r)
         memcpy(ov.row(b, h, first + r), oblock + r * nct * 16, dv * 2);
