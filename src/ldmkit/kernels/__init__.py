@@ -111,6 +111,7 @@ def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv).
     The AMX result is laid out as (B, N, H, dv) in memory, so `.transpose(1, 2)` of it is free."""
+    global _scratch
     lib = _load() if _enabled and _eligible(q, k, v) else None
     if lib is None:
         return F.scaled_dot_product_attention(q, k, v)
@@ -119,7 +120,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     out = q.new_empty(b, n, h, dv).transpose(1, 2)  # (B, H, N, dv) view of (B, N, H, dv)
     strides = (ctypes.c_long * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with _lock:
-        global _scratch
         if _scratch.numel() < (size := lib.ldm_amx_scratch_bytes(b, h, m, d, dv)):
             _scratch = torch.empty(size, dtype=torch.uint8)
         status = lib.ldm_amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides, b, h, n,

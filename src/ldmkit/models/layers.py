@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.kernels import attention
+from ..kernels import attention
 
 
 def timestep_embedding(
