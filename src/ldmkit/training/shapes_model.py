@@ -86,14 +86,14 @@ class ShapesModelRecipe:
     unet: UNetConfig = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64, 64),
                                   layers_per_block=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
                                   context_dim=128, norm_groups=16, sample_size=16)
-    unet_train: TrainConfig = TrainConfig(steps=8_000, batch_size=32, lr=1e-3, warmup_steps=200,
+    unet_train: TrainConfig = TrainConfig(steps=12_000, batch_size=32, lr=1e-3, warmup_steps=200,
                                           ema_decay=0.999, checkpoint_every=250, sample_every=1000)
     caption_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance works
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023); None: plain MSE (see README)
     high_noise_fraction: float = 0.5  # of U-Net rows, timestep from the noisiest tenth (LatentUNetStage)
     # then a warm restart of the U-Net (None: none) with fewer rows at the noisiest tenth: with half
     # there the relations hold but colours suffer; the restart brings the colours back (README)
-    unet_refine_train: TrainConfig | None = replace(UNET_CONTINUE_TRAIN, steps=12_000)
+    unet_refine_train: TrainConfig | None = replace(UNET_CONTINUE_TRAIN, steps=6000)
     refine_high_noise_fraction: float = 0.2
     schedule: ScheduleConfig = V_ZERO_SNR_SCHEDULE
 
