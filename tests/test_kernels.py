@@ -80,7 +80,7 @@ def test_attention_switch_off_gives_pytorch():
 
 
 @amx
-def test_attention_module_runs_on_the_kernel(monkeypatch):
+def test_attention_module_runs_on_the_kernel():
     torch.manual_seed(0)
     layer = Attention(320, heads=8, head_dim=40).bfloat16().eval()
     x = torch.randn(2, 1024, 320).bfloat16()

@@ -60,7 +60,9 @@ inline __m512 exp2_nonpositive(__m512 x) {
 }
 
 // lanes [0, n) of 16 (none for n <= 0, all for n >= 16)
-inline __mmask16 mask_from(int n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1); }
+inline __mmask16 mask_from(int n) {
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
 
 inline void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
@@ -129,8 +131,10 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
     for (int r = 0; r < kQRows; ++r) {
       const float* s = scores + r * kKeyBlock + j;
       const __m512 vm = _mm512_set1_ps(m[r]);
-      const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm)));
-      const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm)));
+      const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm);
+      const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm);
+      const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(x0));
+      const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(x1));
       sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
@@ -171,7 +175,8 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
   }
   for (int r = 0; r < kQRows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    for (int k = 0; k < NCT; ++k) store_bf16(out + r * NCT * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 64 + 16 * k), inv));
+    for (int k = 0; k < NCT; ++k)
+      store_bf16(out + r * NCT * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 64 + 16 * k), inv));
   }
 }
 
@@ -190,7 +195,9 @@ struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its fi
   uint16_t* row(long b, long h, long n) const { return data + b * sb + h * sh + n * sn; }
 };
 
-inline __mmask32 mask32_from(int n) { return n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : ((__mmask32)1 << n) - 1; }
+inline __mmask32 mask32_from(int n) {  // lanes [0, n) of 32
+  return n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : ((__mmask32)1 << n) - 1;
+}
 
 // sum of squares of the bf16 values in x (bf16 is the top half of a float32)
 inline __m512 squares(__m512i x, __m512 acc) {
