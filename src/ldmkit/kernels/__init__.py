@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import user_cache_dir
+from ..cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("amx_attention.cpp")
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags the kernel needs
@@ -35,15 +36,6 @@ _library: ctypes.CDLL | None = None
 _tried = False
 _enabled = os.environ.get("LDMKIT_AMX_ATTENTION", "1") != "0"
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(flag in flags for flag in CPU_FLAGS)
 
 
 def _build() -> Path:
@@ -66,11 +58,13 @@ def _build() -> Path:
 def _load() -> ctypes.CDLL | None:
     """The kernel library, or None where it cannot run (tried once per process)."""
     global _library, _tried
+    if _tried:  # every attention call asks: no lock once the answer is known
+        return _library
     with _lock:
         if _tried:
             return _library
         _tried = True
-        if not _cpu_has_amx():
+        if not cpu_flags().issuperset(CPU_FLAGS):
             return None
         try:
             lib = ctypes.CDLL(str(_build()))

@@ -27,6 +27,7 @@ from .. import kernels
 from ..cache import user_cache_dir
 from ..checkpoints.io import write_text_atomic
 from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
+from ..cpu import cpu_flags
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import InvalidArgument, LdmkitError, check_choice
 from ..models import onednn
@@ -64,13 +65,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (else bf16 is emulated and slower than fp32)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:  # not Linux: assume no, float32 is always correct
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    """Whether this CPU computes in bf16 natively (else bf16 is emulated and slower than fp32; a
+    CPU that does not say, off Linux, is assumed not to: float32 is always correct)."""
+    return not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
