@@ -26,9 +26,9 @@ def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     assert (log["recipe"]["high_noise_fraction"], log["recipe"]["refine_high_noise_fraction"]) == (0.4, 0.2)
     assert log["recipe"]["schedule"]["prediction_type"] == "v_prediction"  # the default schedule
     assert log["recipe"]["schedule"]["rescale_betas_zero_snr"] is True
-    assert set(summary) >= {"vae", "clip", "unet", "unet_refine", "vae_decoder", "total_minutes"}
+    assert set(summary) >= {"vae", "clip", "unet", "unet_refine", "unet_refine_2", "vae_decoder", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
-    for stage in ("vae", "clip", "unet", "unet_refine"):
+    for stage in ("vae", "clip", "unet", "unet_refine", "unet_refine_2"):
         assert checkpoint_paths(tmp_path / "runs" / stage / "checkpoints")
     pipe = load_pipeline(out, precision="fp32", device="cpu")
     assert pipe.default_size == 64 and pipe.tokenizer.context_length == 16

@@ -57,6 +57,9 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # EMA of the weights (with 1 + step / 10 + step warm-up); None: off
     grad_clip: float | None = 1.0  # clip the global gradient norm; None: off
     precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + scaler, CUDA)
+    # conv weights, hence activations, stored NHWC: oneDNN's convolutions run faster that way (the
+    # bundled U-Net's fp32 step: 0.158 s against 0.180 s); models without convolutions are unchanged
+    channels_last: bool = True
     seed: int = 0  # seeds the initial weights, the data order and every row's noise
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -248,7 +251,8 @@ class Trainer:
             raise InvalidArgument(f"batch_size {config.batch_size} is not divisible by {self.world_size} processes")
         if config.precision == "fp16" and self.device.type != "cuda":
             raise InvalidArgument("fp16 training needs CUDA; use bf16 on a CPU")
-        self.model = stage.model.to(self.device)
+        memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+        self.model = stage.model.to(self.device, memory_format=memory_format)
         self.ema = None
         if config.ema_decay is not None:
             self.ema = _frozen_copy(self.model)
