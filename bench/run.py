@@ -623,6 +623,7 @@ def training_workload(sizes: Sizes, folder: Path) -> Workload:
         D32: step_fn(theirs(), call_theirs, False, False),
         DAC: step_fn(theirs(), call_theirs, True, False),
         L32: step_fn(ours(), call_ours, False, False),
+        LCL: step_fn(ours().to(memory_format=CL), call_ours, False, False),  # the trainer's default layout
         LAC: step_fn(ours().to(memory_format=CL), call_ours, True, True),
     }
     flop_model = ours()

@@ -1,15 +1,17 @@
-"""`ldmkit.kernels.attention`: the AMX flash-attention kernel gives PyTorch's attention to bf16
-accuracy at every size it takes, hands everything else to PyTorch unchanged, and is what the
-U-Net's attention runs on in bf16 inference."""
+"""`ldmkit.kernels`: the AMX flash-attention kernel gives PyTorch's attention, and the GroupNorm
+kernel PyTorch's GroupNorm (with the shift before and SiLU after), to bf16 accuracy at every size
+they take; both hand everything else to PyTorch unchanged, and are what the U-Net and the VAE run
+on in bf16 inference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldmkit import kernels
-from ldmkit.models.layers import Attention
+from ldmkit.models.layers import Attention, ResnetBlock
 
 amx = pytest.mark.skipif(not kernels.amx_attention_available(), reason="no AMX, g++ or Linux here")
+norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reason="no AVX-512 BF16, g++ or Linux here")
 
 
 def heads(batch: int, tokens: int, nh: int, width: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -93,4 +95,112 @@ def test_attention_module_runs_on_the_kernel():
             kernels.set_amx_attention(True)
         ref = Attention.forward(layer.float(), x.float())
     assert not torch.equal(ours, theirs)  # a different kernel ran
+    assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3
+
+
+# -- GroupNorm ---------------------------------------------------------------------------------
+
+
+def feature_map(shape, channels_last: bool, mean: float = 0.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + mean).bfloat16()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def random_norm(groups: int, channels: int, seed: int = 0) -> torch.nn.GroupNorm:
+    torch.manual_seed(seed)
+    norm = torch.nn.GroupNorm(groups, channels, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+def count_module_calls(*modules: torch.nn.Module) -> list:
+    """A list that grows by one each time PyTorch runs one of `modules` (the kernel bypasses them)."""
+    calls = []
+    for module in modules:
+        module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def norm_reference(x, norm, silu, shift):
+    """float32 PyTorch on the same bf16 inputs."""
+    with torch.no_grad():
+        y = norm.float()(x.float() + (0 if shift is None else shift.float()[:, :, None, None]))
+    return F.silu(y) if silu else y
+
+
+@norm_kernel
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 320, 64, 64), 32),  # SD 1.5's first level
+    ((2, 1280, 8, 8), 32),  # its deepest: few pixels, many channels
+    ((1, 35, 7, 5), 5),  # ragged: channels and pixels not multiples of 16
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu,with_shift", [(False, False), (True, False), (True, True)])
+def test_group_norm_kernel_matches_pytorch(shape, groups, channels_last, silu, with_shift):
+    x = feature_map(shape, channels_last, mean=5.0)  # a mean well above the spread: no cancellation
+    norm = random_norm(groups, shape[1])
+    shift = torch.randn(shape[:2], generator=torch.Generator().manual_seed(1)) * 4 if with_shift else None
+    ref = norm_reference(x, norm, silu, shift)
+    pytorch_calls = count_module_calls(norm.bfloat16())
+    with torch.no_grad():
+        ours = kernels.group_norm(x, norm, silu=silu, shift=shift)
+        assert not pytorch_calls
+        previous = kernels.set_group_norm_kernel(False)
+        try:
+            theirs = kernels.group_norm(x, norm, silu=silu, shift=shift)  # PyTorch's bf16 modules
+        finally:
+            kernels.set_group_norm_kernel(previous)
+        assert pytorch_calls
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)  # PyTorch's bf16 path: 2.2e-3 to 5e-3
+
+
+@norm_kernel
+def test_group_norm_kernel_keeps_a_tiny_spread_under_a_large_mean():
+    """Variance from sums around each channel's first value: a spread of 1e-2 under a mean of 100
+    (bf16 steps there are 0.5) must not cancel to zero or go negative."""
+    g = torch.Generator().manual_seed(0)
+    x = (100 + torch.randint(-2, 3, (1, 64, 16, 16), generator=g) * 0.5).bfloat16()
+    norm = random_norm(8, 64)
+    ref = norm_reference(x, norm, False, None)
+    with torch.no_grad():
+        ours = kernels.group_norm(x, norm.bfloat16())
+    assert rel_err(ours, ref) < 3e-3
+
+
+@pytest.mark.parametrize("case", ["fp32", "grad", "strided"])
+def test_group_norm_leaves_other_work_to_pytorch(case):
+    x, norm = feature_map((1, 32, 8, 8), False), random_norm(8, 32).bfloat16()
+    pytorch_calls = count_module_calls(norm)
+    if case == "fp32":
+        x, norm = x.float(), norm.float()
+    elif case == "grad":
+        x = x.float().requires_grad_().bfloat16()
+    else:
+        x = x[:, :, :, ::2]
+    assert torch.equal(kernels.group_norm(x, norm, silu=True), F.silu(norm(x)))
+    assert len(pytorch_calls) == 2
+
+
+@norm_kernel
+def test_resnet_block_runs_on_the_group_norm_kernel():
+    torch.manual_seed(0)
+    block = ResnetBlock(64, 128, temb_channels=96, groups=32).bfloat16().eval()
+    x = feature_map((2, 64, 16, 16), True)
+    temb = torch.randn(2, 96).bfloat16()
+    pytorch_calls = count_module_calls(block.norm1, block.norm2)
+    with torch.no_grad():
+        ours = block(x, temb)
+        assert not pytorch_calls
+        previous = kernels.set_group_norm_kernel(False)
+        try:
+            theirs = block(x, temb)
+        finally:
+            kernels.set_group_norm_kernel(previous)
+        assert len(pytorch_calls) == 2  # the switch off: PyTorch ran both norms
+        ref = ResnetBlock.forward(block.float(), x.float(), temb.float())
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3

@@ -1,10 +1,14 @@
 """Our own CPU kernels, compiled on first use and called through ctypes.
 
-`attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) that runs
-bf16 inference on Intel AMX through `amx_attention.cpp` when it can, and through PyTorch
-otherwise. The kernel is a plain C++ file built with the system's g++ into
-`~/.cache/ldmkit/kernels/` (a second or two, once per version of the file); without g++, AMX or
-Linux, or with LDMKIT_AMX_ATTENTION=0 in the environment, every call goes to PyTorch.
+- `attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) that
+  runs bf16 inference on Intel AMX through `amx_attention.cpp` when it can;
+- `group_norm(x, norm, silu, shift)` is `norm(x + shift)`, then SiLU, in one pass over a bf16
+  feature map on AVX-512 through `group_norm.cpp` when it can.
+
+Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
+file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
+of the file); without g++, the CPU features or Linux, or with LDMKIT_AMX_ATTENTION=0 or
+LDMKIT_GROUP_NORM_KERNEL=0 in the environment, its calls go to PyTorch.
 """
 
 from __future__ import annotations
@@ -20,28 +24,32 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..cache import user_cache_dir
 from ..cpu import cpu_flags
 
-SOURCE = Path(__file__).with_name("amx_attention.cpp")
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags the kernel needs
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw",
                  "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
-MAX_WIDTH = 64  # head widths the kernel takes (query/key and value; query/key even)
+NEEDS = {  # /proc/cpuinfo flags each kernel needs
+    "amx_attention": {"amx_tile", "amx_bf16", "avx512_bf16"},
+    "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+}
+MAX_WIDTH = 64  # head widths the attention kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-_enabled = os.environ.get("LDMKIT_AMX_ATTENTION", "1") != "0"
+_libraries: dict[str, ctypes.CDLL | None] = {}  # kernel name -> library, or None where it cannot run
+_enabled = {"amx_attention": os.environ.get("LDMKIT_AMX_ATTENTION", "1") != "0",
+            "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0"}
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
 
 
-def _build() -> Path:
-    """The compiled kernel for this version of the source, built if missing (atomically)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = user_cache_dir() / "kernels" / f"amx_attention-{digest}.so"
+def _build(name: str) -> Path:
+    """The compiled kernel `name` for this version of its source, built if missing (atomically)."""
+    source = Path(__file__).with_name(f"{name}.cpp")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    target = user_cache_dir() / "kernels" / f"{name}-{digest}.so"
     if target.is_file():
         return target
     compiler = os.environ.get("CXX") or shutil.which("g++")
@@ -50,26 +58,29 @@ def _build() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True)
+        subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True)
         os.replace(built, target)  # another process may have raced us here: either file is the same
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    """The kernel library, or None where it cannot run (tried once per process)."""
-    global _library, _tried
-    if _tried:  # every attention call asks: no lock once the answer is known
-        return _library
+def _load(name: str) -> ctypes.CDLL | None:
+    """The kernel library `name`, or None where it cannot run (tried once per process)."""
+    if name in _libraries:  # every call asks: no lock once the answer is known
+        return _libraries[name]
     with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        if not cpu_flags().issuperset(CPU_FLAGS):
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError, subprocess.CalledProcessError):
-            return None  # PyTorch's attention is always there and always right
+        if name not in _libraries:
+            _libraries[name] = _open(name)
+        return _libraries[name]
+
+
+def _open(name: str) -> ctypes.CDLL | None:
+    if not cpu_flags().issuperset(NEEDS[name]):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(name)))
+    except (OSError, RuntimeError, subprocess.CalledProcessError):
+        return None  # PyTorch's kernels are always there and always right
+    if name == "amx_attention":
         if lib.ldm_amx_init() != 0:  # Linux refused the AMX tile state
             return None
         lib.ldm_amx_scratch_bytes.restype = ctypes.c_long
@@ -77,20 +88,35 @@ def _load() -> ctypes.CDLL | None:
         lib.ldm_amx_attention.restype = ctypes.c_int
         lib.ldm_amx_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
                                           + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
-        _library = lib
-        return lib
+    else:
+        lib.ldm_group_norm.restype = ctypes.c_int
+        lib.ldm_group_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long]
+                                       + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
+                                       + [ctypes.c_int] * 2)
+    return lib
 
 
 def amx_attention_available() -> bool:
     """Whether `attention` can use the AMX kernel in this process."""
-    return _load() is not None
+    return _load("amx_attention") is not None
+
+
+def group_norm_kernel_available() -> bool:
+    """Whether `group_norm` can use our kernel in this process."""
+    return _load("group_norm") is not None
 
 
 def set_amx_attention(enabled: bool) -> bool:
     """Let `attention` use the AMX kernel (where it can) or not; returns the previous setting.
     The benchmark times both; LDMKIT_AMX_ATTENTION=0 sets it off at start-up."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
+    previous, _enabled["amx_attention"] = _enabled["amx_attention"], enabled
+    return previous
+
+
+def set_group_norm_kernel(enabled: bool) -> bool:
+    """Let `group_norm` use our kernel (where it can) or not; returns the previous setting.
+    LDMKIT_GROUP_NORM_KERNEL=0 sets it off at start-up."""
+    previous, _enabled["group_norm"] = _enabled["group_norm"], enabled
     return previous
 
 
@@ -106,7 +132,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv).
     The AMX result is laid out as (B, N, H, dv) in memory, so `.transpose(1, 2)` of it is free."""
     global _scratch
-    lib = _load() if _enabled and _eligible(q, k, v) else None
+    lib = _load("amx_attention") if _enabled["amx_attention"] and _eligible(q, k, v) else None
     if lib is None:
         return F.scaled_dot_product_attention(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -121,3 +147,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if status != 0:
         raise RuntimeError(f"amx_attention refused shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     return out
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x + shift[:, :, None, None]), then SiLU when `silu`, for x (B, C, H, W) and shift (B, C).
+    bf16 inference on a contiguous or channels_last x runs as one pass of our kernel (the output
+    in x's layout); everything else (float32, autograd, CUDA) as PyTorch's modules."""
+    lib = _load("group_norm") if _enabled["group_norm"] and _norm_eligible(x, norm, shift) else None
+    if lib is None:
+        y = norm(x if shift is None else x + shift.to(x.dtype)[:, :, None, None])
+        return F.silu(y) if silu else y
+    b, c, h, w = x.shape
+    nhwc = not x.is_contiguous()  # then channels_last (_norm_eligible)
+    out = torch.empty_like(x)
+    weight = torch.ones(c) if norm.weight is None else norm.weight.detach().float().contiguous()
+    bias = torch.zeros(c) if norm.bias is None else norm.bias.detach().float().contiguous()
+    shift = None if shift is None else shift.detach().float().contiguous()
+    status = lib.ldm_group_norm(x.data_ptr(), out.data_ptr(), b, c, h * w, int(nhwc), norm.num_groups,
+                                None if shift is None else shift.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                norm.eps, int(silu), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"group_norm refused x {tuple(x.shape)} with {norm.num_groups} groups")
+    return out
+
+
+def _norm_eligible(x: torch.Tensor, norm: nn.GroupNorm, shift: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.ndim == 4 and x.numel() > 0
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and x.shape[1] == norm.num_channels and norm.num_channels % norm.num_groups == 0
+            and (shift is None or (shift.device.type == "cpu" and shift.shape == x.shape[:2]))
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())
+                                                  or (shift is not None and shift.requires_grad))))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import attention
+from ..kernels import attention, group_norm
 
 
 def timestep_embedding(
@@ -97,11 +97,11 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, H, W)
+        h = self.conv1(group_norm(x, self.norm1, silu=True))
+        # the time embedding (B, C) is added to h inside the second norm: no pass of its own
+        shift = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return plus_output(self.conv2, self.dropout(F.silu(self.norm2(h))), skip)
+        return plus_output(self.conv2, self.dropout(group_norm(h, self.norm2, silu=True, shift=shift)), skip)
 
 
 class Attention(nn.Module):
@@ -169,7 +169,7 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        tokens = group_norm(x, self.group_norm).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         out = self.attend(tokens)  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
 
@@ -252,7 +252,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x)
+        tokens = group_norm(x, self.norm)
         if not self.linear_projection:
             tokens = self.proj_in(tokens)
         tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)

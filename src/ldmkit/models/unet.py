@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.errors import InvalidArgument, check_choice
+from ldmkit.kernels import group_norm
 from ldmkit.models.layers import (
     Downsample,
     MidBlock,
@@ -336,7 +337,7 @@ class UNet(nn.Module):
         h = self.mid_block(h, temb, context)  # (B, C_last, H/2^(n-1), W/2^(n-1))
         for block in self.up_blocks:
             h = block(h, skips, temb, context)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+        return self.conv_out(group_norm(h, self.conv_norm_out, silu=True))  # (B, out_channels, H, W)
 
     # --- the course's BasicUNet -------------------------------------------------------------
 

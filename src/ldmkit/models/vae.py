@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.errors import InvalidArgument, check_choice
+from ldmkit.kernels import group_norm
 from ldmkit.models.layers import Downsample, MidBlock, ResnetBlock, SpatialSelfAttention, Upsample
 
 
@@ -154,7 +154,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(group_norm(h, self.conv_norm_out, silu=True))
 
 
 class Decoder(nn.Module):
@@ -176,7 +176,7 @@ class Decoder(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(group_norm(h, self.conv_norm_out, silu=True))
 
 
 def _blend_v(above: Tensor, below: Tensor, extent: int) -> Tensor:
