@@ -97,6 +97,8 @@ D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit f
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
 LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on the CPU
 LPS = "ldmkit bf16 packed SDPA"  # the same with PyTorch's attention kernel in place of our AMX one
+LPG = "ldmkit bf16 packed PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
+L16G = "ldmkit bf16 CL PyTorch GN"
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
@@ -381,6 +383,18 @@ class Workload:
         return all(self.out(v) is not None for v in variants)
 
 
+def kernel_off(switch: Callable[[bool], bool], fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` run with one of our kernels switched off (`kernels.set_amx_attention` or
+    `kernels.set_group_norm_kernel`): PyTorch's kernel in its place."""
+    def run():
+        previous = switch(False)
+        try:
+            return fn()
+        finally:
+            switch(previous)
+    return run
+
+
 def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
     cfg = m.unet.config
     side = sizes.image // m.vae.config.downscale
@@ -398,17 +412,13 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
         with torch.autocast("cpu", dtype=BF16):
             return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
-    def packed_sdpa():
-        previous = kernels.set_amx_attention(False)
-        try:
-            return m.unet_packed(x16, t, ctx16)
-        finally:
-            kernels.set_amx_attention(previous)
-
+    packed = lambda: m.unet_packed(x16, t, ctx16)  # noqa: E731
     variants = {D32: d32, DAC: dac, L32: lambda: m.unet(x, t, ctx), LCL: lambda: m.unet_cl(x_cl, t, ctx),
-                L16: lambda: m.unet16(x16, t, ctx16), LPK: lambda: m.unet_packed(x16, t, ctx16)}
+                L16: lambda: m.unet16(x16, t, ctx16), LPK: packed}
     if kernels.amx_attention_available():
-        variants[LPS] = packed_sdpa
+        variants[LPS] = kernel_off(kernels.set_amx_attention, packed)
+    if kernels.group_norm_kernel_available():
+        variants[LPG] = kernel_off(kernels.set_group_norm_kernel, packed)
     if compile_:
         variants[LCO] = lambda: m.unet_compiled(x16, t, ctx16)
     what = f"batch {sizes.batch}, {cfg.in_channels}x{side}x{side} latents, 77x{cfg.context_dim} context"
@@ -427,6 +437,8 @@ def vae_workload(m: Models, sizes: Sizes) -> Workload:
 
     variants = {D32: lambda: m.d_vae.decode(z, return_dict=False)[0], DAC: dac,
                 L32: lambda: m.vae.decode(z), LCL: lambda: m.vae_cl.decode(z_cl), L16: lambda: m.vae16.decode(z16)}
+    if kernels.group_norm_kernel_available():
+        variants[L16G] = kernel_off(kernels.set_group_norm_kernel, variants[L16])
     what = f"1x{z.shape[1]}x{side}x{side} latent -> {sizes.image}x{sizes.image} image"
     return Workload("VAE decode", what, variants, count_flops(lambda: m.vae.decode(z)))
 
@@ -686,13 +698,15 @@ def quality_checks(workloads: dict[str, Workload]) -> list[Check]:
     unet, vae, text = (workloads.get(k) for k in ("U-Net step", "VAE decode", "text encode"))
     if unet is not None:
         for a, b, target in ((L16, L32, UNET_REL_ERR_TARGET), (LPK, L32, UNET_REL_ERR_TARGET),
-                             (LPS, L32, UNET_REL_ERR_TARGET), (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
+                             (LPS, L32, UNET_REL_ERR_TARGET), (LPG, L32, UNET_REL_ERR_TARGET),
+                             (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
                              (L32, D32, None), (LCL, L32, None)):
             if unet.has(a, b):
                 checks.append(Check(f"U-Net {a} vs {b}: relative L2 error", rel_err(unet.out(a), unet.out(b)), "",
                                     target))
     if vae is not None:
-        for a, b, clamp, target in ((L16, L32, True, VAE_MAD_TARGET), (L16, L32, False, None), (DAC, D32, True, None),
+        for a, b, clamp, target in ((L16, L32, True, VAE_MAD_TARGET), (L16, L32, False, None),
+                                    (L16G, L32, True, VAE_MAD_TARGET), (DAC, D32, True, None),
                                     (L32, D32, False, None), (LCL, L32, False, None)):
             if vae.has(a, b):
                 how = "clamped to the image range" if clamp else "unclamped"

@@ -34,8 +34,9 @@ def test_bench_smoke_writes_the_report(tmp_path):
     assert report in proc.stdout  # the same report is printed
 
     rows = [line for line in report.splitlines() if line.startswith("| ")]
-    unet_variants = 7 if kernels.amx_attention_available() else 6  # + "ldmkit bf16 packed SDPA"
-    for workload, variants in (("U-Net step", unet_variants), ("VAE decode", 5), ("text encode", 4)):
+    gn_kernel = kernels.group_norm_kernel_available()  # + "... PyTorch GN" variants
+    unet_variants = 6 + kernels.amx_attention_available() + gn_kernel  # + "ldmkit bf16 packed SDPA"
+    for workload, variants in (("U-Net step", unet_variants), ("VAE decode", 5 + gn_kernel), ("text encode", 4)):
         timed = [r for r in rows if r.startswith(f"| {workload} ")]
         assert len(timed) == variants, f"{workload}: {timed}"
         assert not any("failed:" in r for r in timed), timed

@@ -166,6 +166,7 @@ def load_pipeline(
         comps.vae.to(memory_format=torch.channels_last)
         if prepack and onednn.available():
             onednn.prepack(comps.unet)
-        kernels.amx_attention_available()
+        kernels.amx_attention_available()  # build our kernels now, not in the first step
+        kernels.group_norm_kernel_available()
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
                            NoiseSchedule(comps.schedule_config))
