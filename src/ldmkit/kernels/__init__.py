@@ -48,7 +48,9 @@ _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between
 def _build(name: str) -> Path:
     """The compiled kernel `name` for this version of its source, built if missing (atomically)."""
     source = Path(__file__).with_name(f"{name}.cpp")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    header = Path(__file__).with_name("simd.h")  # included by every source
+    digest = hashlib.sha256(source.read_bytes() + header.read_bytes()
+                            + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
     target = user_cache_dir() / "kernels" / f"{name}-{digest}.so"
     if target.is_file():
         return target

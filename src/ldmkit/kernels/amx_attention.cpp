@@ -22,6 +22,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int kQRows = 16;     // queries per work item: one tile of rows
@@ -45,18 +47,6 @@ void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-}
-
-// 2^x for x <= 0: 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5);
-// scalef takes exponents far below -126 to 0 (or subnormals) by itself
-inline __m512 exp2_nonpositive(__m512 x) {
-  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, xi);
-  __m512 p = _mm512_set1_ps(0.07803769f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22608059f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69581068f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992900f));
-  return _mm512_scalef_ps(p, xi);
 }
 
 // lanes [0, n) of 16 (none for n <= 0, all for n >= 16)
@@ -133,8 +123,8 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
       const __m512 vm = _mm512_set1_ps(m[r]);
       const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm);
       const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm);
-      const __m512 e0 = _mm512_maskz_mov_ps(lo, exp2_nonpositive(x0));
-      const __m512 e1 = _mm512_maskz_mov_ps(hi, exp2_nonpositive(x1));
+      const __m512 e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(x0));
+      const __m512 e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(x1));
       sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
       _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
