@@ -49,11 +49,6 @@ void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
 }
 
-// lanes [0, n) of 16 (none for n <= 0, all for n >= 16)
-inline __mmask16 mask_from(int n) {
-  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
 inline void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
 }
@@ -88,7 +83,7 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
     const float* s = scores + r * kKeyBlock;
     __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
     for (int j = 0; j < valid; j += 32) {
-      const __mmask16 lo = mask_from(valid - j), hi = mask_from(valid - j - 16);
+      const __mmask16 lo = ldm::mask_from(valid - j), hi = ldm::mask_from(valid - j - 16);
       mx0 = _mm512_mask_max_ps(mx0, lo, mx0, _mm512_maskz_loadu_ps(lo, s + j));
       mx1 = _mm512_mask_max_ps(mx1, hi, mx1, _mm512_maskz_loadu_ps(hi, s + j + 16));
     }
@@ -117,7 +112,7 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
   __m512 sums[kQRows];
   for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
   for (int j = 0; j < valid; j += 32) {  // keys past kv_len get weight 0
-    const __mmask16 lo = mask_from(valid - j), hi = mask_from(valid - j - 16);
+    const __mmask16 lo = ldm::mask_from(valid - j), hi = ldm::mask_from(valid - j - 16);
     for (int r = 0; r < kQRows; ++r) {
       const float* s = scores + r * kKeyBlock + j;
       const __m512 vm = _mm512_set1_ps(m[r]);
@@ -204,7 +199,7 @@ float pack_keys(const View& k, long b, long h, int m, int d, int ksteps, int nkv
                                            _mm512_set1_epi32((int)k.sn));
   __m512 kmax2 = _mm512_setzero_ps();
   for (int key = 0; key < nkv; key += 16) {
-    const __mmask16 live = mask_from(m - key);
+    const __mmask16 live = ldm::mask_from(m - key);
     const uint16_t* base = live ? k.row(b, h, key) : nullptr;
     uint16_t* kt = kp + (long)(key / 16) * ksteps * 512;
     __m512 norm2 = _mm512_setzero_ps();
@@ -230,7 +225,7 @@ void pack_values(const View& v, long b, long h, int m, int dv, int nkv, int nct,
     const uint16_t* r1 = key + 1 < m ? v.row(b, h, key + 1) : nullptr;
     uint16_t* vt = vp + (long)(key / 32) * nct * 512 + ((key % 32) / 2) * 32;
     for (int c = 0; c < nct; ++c) {
-      const __mmask16 cols = mask_from(dv - 16 * c);
+      const __mmask16 cols = ldm::mask_from(dv - 16 * c);
       const __m256i a = r0 ? _mm256_maskz_loadu_epi16(cols, r0 + 16 * c) : _mm256_setzero_si256();
       const __m256i z = r1 ? _mm256_maskz_loadu_epi16(cols, r1 + 16 * c) : _mm256_setzero_si256();
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), z, 1);

@@ -4,6 +4,11 @@
 
 namespace ldm {
 
+// lanes [0, n) of 16 (none for n <= 0, all for n >= 16)
+inline __mmask16 mask_from(long n) {
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 // 2^x = 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5); scalef takes
 // exponents far below -126 to 0 (or subnormals) and far above 127 to inf by itself
 inline __m512 exp2_approx(__m512 x) {
