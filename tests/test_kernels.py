@@ -29,6 +29,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     (2, 8, 1024, 1024, 40, 40),  # SD 1.x's head width; whole key blocks
     (1, 5, 300, 300, 64, 64),  # SD 2.x's; ragged blocks of queries and keys
     (2, 3, 1000, 77, 64, 64),  # cross-attention on a CLIP context
+    (2, 8, 1024, 77, 80, 80),  # SD 1.x's wider heads: query tiles reloaded, output in two passes
+    (1, 3, 256, 300, 160, 160),
+    (1, 2, 100, 520, 96, 136),  # a value width apart, not a multiple of 64
     (1, 2, 257, 600, 18, 5),  # narrow widths, a value width apart from the key width
     (1, 1, 256, 256, 8, 24),
 ])
@@ -42,9 +45,10 @@ def test_amx_attention_matches_pytorch(b, h, n, m, d, dv):
 
 
 @amx
-def test_amx_attention_with_scores_too_large_for_a_fixed_bound():
+@pytest.mark.parametrize("d", [40, 80])
+def test_amx_attention_with_scores_too_large_for_a_fixed_bound(d):
     """|q||k| far above the largest score: the kernel keeps a running row max instead."""
-    q, k, v = heads(1, 512, 2, 40, 40.0, 1), heads(1, 512, 2, 40, 4.0, 2), heads(1, 512, 2, 40, 1.0, 3)
+    q, k, v = heads(1, 512, 2, d, 40.0, 1), heads(1, 512, 2, d, 4.0, 2), heads(1, 512, 2, d, 1.0, 3)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert rel_err(kernels.attention(q, k, v), ref) < 4e-3
 
@@ -64,7 +68,7 @@ def test_attention_leaves_other_work_to_pytorch(case):
     elif case == "grad":
         q = q.float().requires_grad_().bfloat16()
     elif case == "wide":
-        q = heads(1, 512, 1, 80)
+        q = heads(1, 512, 1, 192)
     elif case == "odd":
         q = heads(1, 512, 2, 17)
     else:

@@ -35,7 +35,7 @@ NEEDS = {  # /proc/cpuinfo flags each kernel needs
     "amx_attention": {"amx_tile", "amx_bf16", "avx512_bf16"},
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
 }
-MAX_WIDTH = 64  # head widths the attention kernel takes (query/key and value; query/key even)
+MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
 
 _lock = threading.Lock()

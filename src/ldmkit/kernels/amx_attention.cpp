@@ -1,6 +1,6 @@
 // Flash attention for bf16 on Intel AMX (Sapphire Rapids and later), called through ctypes.
 //
-// Why our own: at SD's head widths (40, 64) PyTorch's CPU flash kernel spends most of its time
+// Why our own: at SD's head widths (40, 64, 80, 160) PyTorch's CPU flash kernel spends most of its time
 // outside the matrix products: it writes fp32 scores, makes separate passes for the row max and
 // the float32 exp, and calls a general GEMM per block. Here the scores of 16 queries x 256 keys
 // stay in L1, both products run on AMX tiles, exp is a 2^x polynomial accurate to 1e-4 (below the
@@ -15,6 +15,10 @@
 //   kp (nkv/16, ksteps, 16, 16, 2)   K^T: per 16 keys and 32 widths, pairs of widths
 //   vp (nkv/32, nct, 16, 16, 2)      V: per 32 keys and 16 columns, pairs of keys
 // with nkv the key count rounded up to 256 and zeros past the real keys and widths.
+//
+// Widths up to 64 (SD 2.x everywhere, SD 1.x at full resolution) keep the queries in two tiles and
+// the output in four; wider heads (SD 1.x's 80 and 160) reload the query tiles per 32 widths and
+// take the output 64 columns at a time, after the whole block's probabilities.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -29,6 +33,8 @@ namespace {
 constexpr int kQRows = 16;     // queries per work item: one tile of rows
 constexpr int kKeyBlock = 256; // keys per softmax block: 16x256 fp32 scores = 16 KB
 constexpr float kMaxBound = 62.0f;  // base-2 scores lie in [-bound, bound]: 2^(-2*62) is still normal
+constexpr int kMaxWidth = 160;  // query/key and value widths taken
+constexpr int kMaxKSteps = kMaxWidth / 32, kMaxColTiles = kMaxWidth / 16;
 
 struct TileConfig {
   uint8_t palette_id;
@@ -53,9 +59,19 @@ inline void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-// scores (16 x 256, tiles 3..6 per 64 keys) = q tiles 0/1 . kp tiles, B operands in tiles 2/7
+inline void store_scores(float* s) {  // tiles 3..6: 64 keys of 16 rows
+  _tile_stored(3, s, kKeyBlock * 4);
+  _tile_stored(4, s + 16, kKeyBlock * 4);
+  _tile_stored(5, s + 32, kKeyBlock * 4);
+  _tile_stored(6, s + 48, kKeyBlock * 4);
+}
+
+// scores (16 x 256, tiles 3..6 per 64 keys) = q (16 x 32*KSTEPS, in tiles 0/1) . kp tiles, B
+// operands in tiles 2/7
 template <int KSTEPS>
-void block_scores(const uint16_t* kp_block, float* scores) {
+void block_scores(const uint16_t* q, const uint16_t* kp_block, float* scores) {
+  _tile_loadd(0, q, KSTEPS * 64);
+  if (KSTEPS == 2) _tile_loadd(1, q + 32, KSTEPS * 64);
   for (int g = 0; g < kKeyBlock / 64; ++g) {
     _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6);
     const uint16_t* k = kp_block + g * 4 * KSTEPS * 512;
@@ -68,11 +84,23 @@ void block_scores(const uint16_t* kp_block, float* scores) {
     }
     LDM_KEY_TILE(0, 3) LDM_KEY_TILE(1, 4) LDM_KEY_TILE(2, 5) LDM_KEY_TILE(3, 6)
 #undef LDM_KEY_TILE
-    float* s = scores + g * 64;
-    _tile_stored(3, s, kKeyBlock * 4);
-    _tile_stored(4, s + 16, kKeyBlock * 4);
-    _tile_stored(5, s + 32, kKeyBlock * 4);
-    _tile_stored(6, s + 48, kKeyBlock * 4);
+    store_scores(scores + g * 64);
+  }
+}
+
+// the same for any number of 32-width steps: the query tile of each step reloaded into tile 0
+void block_scores_wide(const uint16_t* q, int ksteps, const uint16_t* kp_block, float* scores) {
+  for (int g = 0; g < kKeyBlock / 64; ++g) {
+    _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6);
+    const uint16_t* k = kp_block + g * 4 * ksteps * 512;
+    for (int s = 0; s < ksteps; ++s) {
+      _tile_loadd(0, q + 32 * s, ksteps * 64);
+      _tile_loadd(2, k + (0 * ksteps + s) * 512, 64); _tile_dpbf16ps(3, 0, 2);
+      _tile_loadd(7, k + (1 * ksteps + s) * 512, 64); _tile_dpbf16ps(4, 0, 7);
+      _tile_loadd(2, k + (2 * ksteps + s) * 512, 64); _tile_dpbf16ps(5, 0, 2);
+      _tile_loadd(7, k + (3 * ksteps + s) * 512, 64); _tile_dpbf16ps(6, 0, 7);
+    }
+    store_scores(scores + g * 64);
   }
 }
 
@@ -91,9 +119,26 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
     const float alpha = exp2f(m[r] - m_new);  // 0 on the first block (m = -inf)
     m[r] = m_new;
     l[r] *= alpha;
-    float* a = acc + r * 64;
+    float* a = acc + r * kMaxWidth;
     for (int k = 0; k < nct; ++k)
       _mm512_storeu_ps(a + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * k), _mm512_set1_ps(alpha)));
+  }
+}
+
+// probs[:, j:j+32] = 2^(c*s - m) as bf16 for all 16 rows, the row sums added to `sums`
+inline void probs_step(const float* scores, int valid, int j, float c, const float* m, uint16_t* probs,
+                       __m512* sums) {
+  const __m512 vc = _mm512_set1_ps(c);
+  const __mmask16 lo = ldm::mask_from(valid - j), hi = ldm::mask_from(valid - j - 16);
+  for (int r = 0; r < kQRows; ++r) {
+    const float* s = scores + r * kKeyBlock + j;
+    const __m512 vm = _mm512_set1_ps(m[r]);
+    const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm);
+    const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm);
+    const __m512 e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(x0));
+    const __m512 e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(x1));
+    sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
   }
 }
 
@@ -103,26 +148,15 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
 template <int NCT>
 void block_probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
                         const uint16_t* vp_block, float* acc) {
-  constexpr int kAccStride = 64 * 4;
+  constexpr int kAccStride = kMaxWidth * 4;
   if (NCT > 0) _tile_loadd(3, acc, kAccStride);
   if (NCT > 1) _tile_loadd(4, acc + 16, kAccStride);
   if (NCT > 2) _tile_loadd(5, acc + 32, kAccStride);
   if (NCT > 3) _tile_loadd(6, acc + 48, kAccStride);
-  const __m512 vc = _mm512_set1_ps(c);
   __m512 sums[kQRows];
   for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
   for (int j = 0; j < valid; j += 32) {  // keys past kv_len get weight 0
-    const __mmask16 lo = ldm::mask_from(valid - j), hi = ldm::mask_from(valid - j - 16);
-    for (int r = 0; r < kQRows; ++r) {
-      const float* s = scores + r * kKeyBlock + j;
-      const __m512 vm = _mm512_set1_ps(m[r]);
-      const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm);
-      const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm);
-      const __m512 e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(x0));
-      const __m512 e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(x1));
-      sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
-      _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    }
+    probs_step(scores, valid, j, c, m, probs, sums);
     _tile_loadd(2, probs + j, kKeyBlock * 2);
     const uint16_t* v = vp_block + (j / 32) * NCT * 512;
     if (NCT > 0) { _tile_loadd(0, v, 64); _tile_dpbf16ps(3, 2, 0); }
@@ -137,12 +171,46 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
   if (NCT > 3) _tile_stored(6, acc + 48, kAccStride);
 }
 
+// The same for any number of 16-column tiles: all 256 keys' probabilities first, then acc four
+// column tiles at a time (tiles 3..6), probs in tile 2 and V in tiles 0, 1, 7, 1.
+void block_probs_values_wide(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
+                             const uint16_t* vp_block, float* acc, int nct) {
+  constexpr int kAccStride = kMaxWidth * 4;
+  __m512 sums[kQRows];
+  for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
+  for (int j = 0; j < valid; j += 32) probs_step(scores, valid, j, c, m, probs, sums);
+  for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
+  for (int c0 = 0; c0 < nct; c0 += 4) {
+    const int n = nct - c0 < 4 ? nct - c0 : 4;
+    float* a = acc + 16 * c0;
+    _tile_loadd(3, a, kAccStride);
+    if (n > 1) _tile_loadd(4, a + 16, kAccStride);
+    if (n > 2) _tile_loadd(5, a + 32, kAccStride);
+    if (n > 3) _tile_loadd(6, a + 48, kAccStride);
+    for (int j = 0; j < valid; j += 32) {
+      _tile_loadd(2, probs + j, kKeyBlock * 2);
+      const uint16_t* v = vp_block + ((j / 32) * nct + c0) * 512;
+      _tile_loadd(0, v, 64); _tile_dpbf16ps(3, 2, 0);
+      if (n > 1) { _tile_loadd(1, v + 512, 64); _tile_dpbf16ps(4, 2, 1); }
+      if (n > 2) { _tile_loadd(7, v + 1024, 64); _tile_dpbf16ps(5, 2, 7); }
+      if (n > 3) { _tile_loadd(1, v + 1536, 64); _tile_dpbf16ps(6, 2, 1); }
+    }
+    _tile_stored(3, a, kAccStride);
+    if (n > 1) _tile_stored(4, a + 16, kAccStride);
+    if (n > 2) _tile_stored(5, a + 32, kAccStride);
+    if (n > 3) _tile_stored(6, a + 48, kAccStride);
+  }
+}
+
+// 16 query rows against all keys. KSTEPS (1, 2) and NCT (1..4) fixed for widths up to 64; 0 and 0
+// for wider heads, with their `ksteps` and `nct` at run time.
 template <int KSTEPS, int NCT>
 void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int kv_len, float c,
-                 const float* bounds) {
+                 const float* bounds, int ksteps, int nct) {
+  if (KSTEPS > 0) ksteps = KSTEPS, nct = NCT;
   alignas(64) float scores[kQRows * kKeyBlock];
   alignas(64) uint16_t probs[kQRows * kKeyBlock];
-  alignas(64) float acc[kQRows * 64];
+  alignas(64) float acc[kQRows * kMaxWidth];
   float m[kQRows], l[kQRows];
   // a fixed bound per row is safe while no score lies more than 2^-126 below it
   bool bounded = bounds != nullptr;
@@ -151,27 +219,30 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
   memset(acc, 0, sizeof acc);
   const int blocks = (kv_len + kKeyBlock - 1) / kKeyBlock;
   for (int b = 0; b < blocks; ++b) {
-    _tile_loadd(0, q, KSTEPS * 64);
-    if (KSTEPS == 2) _tile_loadd(1, q + 32, KSTEPS * 64);
-    block_scores<KSTEPS>(kp + (size_t)b * (kKeyBlock / 16) * KSTEPS * 512, scores);
+    const uint16_t* kp_block = kp + (size_t)b * (kKeyBlock / 16) * ksteps * 512;
+    const uint16_t* vp_block = vp + (size_t)b * (kKeyBlock / 32) * nct * 512;
+    if (KSTEPS > 0) block_scores<KSTEPS>(q, kp_block, scores);
+    else block_scores_wide(q, ksteps, kp_block, scores);
     const int valid = kv_len - b * kKeyBlock < kKeyBlock ? kv_len - b * kKeyBlock : kKeyBlock;
-    if (!bounded) raise_row_max(scores, valid, c, m, l, acc, NCT);
-    block_probs_values<NCT>(scores, valid, c, m, l, probs, vp + (size_t)b * (kKeyBlock / 32) * NCT * 512, acc);
+    if (!bounded) raise_row_max(scores, valid, c, m, l, acc, nct);
+    if (NCT > 0) block_probs_values<NCT>(scores, valid, c, m, l, probs, vp_block, acc);
+    else block_probs_values_wide(scores, valid, c, m, l, probs, vp_block, acc, nct);
   }
   for (int r = 0; r < kQRows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    for (int k = 0; k < NCT; ++k)
-      store_bf16(out + r * NCT * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * 64 + 16 * k), inv));
+    for (int k = 0; k < nct; ++k)
+      store_bf16(out + r * nct * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * kMaxWidth + 16 * k), inv));
   }
 }
 
-using RowsFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, float, const float*);
+using RowsFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, float, const float*, int,
+                        int);
 
 RowsFn pick(int ksteps, int nct) {
   static const RowsFn table[2][4] = {
       {attend_rows<1, 1>, attend_rows<1, 2>, attend_rows<1, 3>, attend_rows<1, 4>},
       {attend_rows<2, 1>, attend_rows<2, 2>, attend_rows<2, 3>, attend_rows<2, 4>}};
-  return table[ksteps - 1][nct - 1];
+  return ksteps <= 2 && nct <= 4 ? table[ksteps - 1][nct - 1] : attend_rows<0, 0>;
 }
 
 struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its first three dimensions
@@ -265,11 +336,11 @@ long ldm_amx_scratch_bytes(int b, int h, int m, int d, int dv) {
 
 // out = softmax(scale * q k^T) v, q (B, H, n, d), k (B, H, m, d), v (B, H, m, dv), out (B, H, n, dv);
 // strides[12] = (b, h, token) element strides of q, k, v, out. Returns nonzero for unsupported sizes
-// (d odd or over 64, dv over 64).
+// (d odd or over 160, dv over 160).
 int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, const long* strides, int batch,
                       int heads, int n, int m, int d, int dv, float scale, void* scratch, int threads) {
   const int ksteps = (d + 31) / 32, nct = (dv + 15) / 16;
-  if (ksteps > 2 || nct > 4 || d % 2 || n < 1 || m < 1) return 1;
+  if (ksteps > kMaxKSteps || nct > kMaxColTiles || d % 2 || n < 1 || m < 1) return 1;
   const View qv{q, strides[0], strides[1], strides[2]}, kv{k, strides[3], strides[4], strides[5]},
       vv{v, strides[6], strides[7], strides[8]}, ov{out, strides[9], strides[10], strides[11]};
   const int nkv = (m + kKeyBlock - 1) / kKeyBlock * kKeyBlock, dk = 32 * ksteps;
@@ -288,14 +359,14 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
       pack_values(vv, i / heads, i % heads, m, dv, nkv, nct, vp + i * vp_size);
     }
     configure_tiles();
-    alignas(64) uint16_t qblock[kQRows * 64];
-    alignas(64) uint16_t oblock[kQRows * 64];
+    alignas(64) uint16_t qblock[kQRows * kMaxWidth];
+    alignas(64) uint16_t oblock[kQRows * kMaxWidth];
     float bounds[kQRows];
 #pragma omp for schedule(static)
     for (long i = 0; i < bh * qblocks; ++i) {
       const long hb = i / qblocks, b = hb / heads, h = hb % heads, first = (i % qblocks) * kQRows;
       load_queries(qv, b, h, first, n, d, ksteps, c, kmax[hb], qblock, bounds);
-      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds);
+      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds, ksteps, nct);
       for (int r = 0; r < kQRows && first + r < n; ++r)
         memcpy(ov.row(b, h, first + r), oblock + r * nct * 16, dv * 2);
     }
