@@ -45,10 +45,10 @@ def test_amx_attention_matches_pytorch(b, h, n, m, d, dv):
 
 
 @amx
-@pytest.mark.parametrize("d", [40, 80])
-def test_amx_attention_with_scores_too_large_for_a_fixed_bound(d):
+@pytest.mark.parametrize("d,m", [(40, 512), (80, 512), (40, 300)])
+def test_amx_attention_with_scores_too_large_for_a_fixed_bound(d, m):
     """|q||k| far above the largest score: the kernel keeps a running row max instead."""
-    q, k, v = heads(1, 512, 2, d, 40.0, 1), heads(1, 512, 2, d, 4.0, 2), heads(1, 512, 2, d, 1.0, 3)
+    q, k, v = heads(1, 512, 2, d, 40.0, 1), heads(1, m, 2, d, 4.0, 2), heads(1, m, 2, d, 1.0, 3)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert rel_err(kernels.attention(q, k, v), ref) < 4e-3
 

@@ -125,7 +125,11 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
   }
 }
 
-// probs[:, j:j+32] = 2^(c*s - m) as bf16 for all 16 rows, the row sums added to `sums`
+// probs[:, j:j+32] = 2^(c*s - m) as bf16 for all 16 rows. This is the kernel's bottleneck (an
+// exponential per score), so it does only what it must: with SUMS the row sums are added to `sums`
+// (otherwise V carries a column of ones and the product sums the probabilities); with MASKED the
+// keys from `valid` on get 0 (otherwise all 32 are real keys).
+template <bool SUMS, bool MASKED>
 inline void probs_step(const float* scores, int valid, int j, float c, const float* m, uint16_t* probs,
                        __m512* sums) {
   const __m512 vc = _mm512_set1_ps(c);
@@ -133,19 +137,24 @@ inline void probs_step(const float* scores, int valid, int j, float c, const flo
   for (int r = 0; r < kQRows; ++r) {
     const float* s = scores + r * kKeyBlock + j;
     const __m512 vm = _mm512_set1_ps(m[r]);
-    const __m512 x0 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm);
-    const __m512 x1 = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm);
-    const __m512 e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(x0));
-    const __m512 e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(x1));
-    sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
+    __m512 e0, e1;
+    if (MASKED) {
+      e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm)));
+      e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm)));
+    } else {
+      e0 = ldm::exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vm));
+      e1 = ldm::exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vm));
+    }
+    if (SUMS) sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
     _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
   }
 }
 
 // One block of keys after its scores: per 32 keys, probs = 2^(c*s - m) as bf16 for all 16 rows
-// (row sums into l), then acc (16 x 16*NCT fp32, tiles 3..6) += probs . V on the tiles (A tile 2,
-// B tiles 0, 1, 7, 1). The AMX products of one 32-key step overlap the exponentials of the next.
-template <int NCT>
+// (row sums into l with SUMS), then acc (16 x 16*NCT fp32, tiles 3..6) += probs . V on the tiles
+// (A tile 2, B tiles 0, 1, 7, 1). The AMX products of one 32-key step overlap the exponentials of
+// the next.
+template <int NCT, bool SUMS, bool MASKED>
 void block_probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
                         const uint16_t* vp_block, float* acc) {
   constexpr int kAccStride = kMaxWidth * 4;
@@ -155,8 +164,8 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
   if (NCT > 3) _tile_loadd(6, acc + 48, kAccStride);
   __m512 sums[kQRows];
   for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
-  for (int j = 0; j < valid; j += 32) {  // keys past kv_len get weight 0
-    probs_step(scores, valid, j, c, m, probs, sums);
+  for (int j = 0; j < valid; j += 32) {
+    probs_step<SUMS, MASKED>(scores, valid, j, c, m, probs, sums);
     _tile_loadd(2, probs + j, kKeyBlock * 2);
     const uint16_t* v = vp_block + (j / 32) * NCT * 512;
     if (NCT > 0) { _tile_loadd(0, v, 64); _tile_dpbf16ps(3, 2, 0); }
@@ -164,7 +173,8 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
     if (NCT > 2) { _tile_loadd(7, v + 1024, 64); _tile_dpbf16ps(5, 2, 7); }
     if (NCT > 3) { _tile_loadd(1, v + 1536, 64); _tile_dpbf16ps(6, 2, 1); }
   }
-  for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
+  if (SUMS)
+    for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
   if (NCT > 0) _tile_stored(3, acc, kAccStride);
   if (NCT > 1) _tile_stored(4, acc + 16, kAccStride);
   if (NCT > 2) _tile_stored(5, acc + 32, kAccStride);
@@ -173,13 +183,15 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
 
 // The same for any number of 16-column tiles: all 256 keys' probabilities first, then acc four
 // column tiles at a time (tiles 3..6), probs in tile 2 and V in tiles 0, 1, 7, 1.
+template <bool SUMS, bool MASKED>
 void block_probs_values_wide(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
                              const uint16_t* vp_block, float* acc, int nct) {
   constexpr int kAccStride = kMaxWidth * 4;
   __m512 sums[kQRows];
   for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
-  for (int j = 0; j < valid; j += 32) probs_step(scores, valid, j, c, m, probs, sums);
-  for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
+  for (int j = 0; j < valid; j += 32) probs_step<SUMS, MASKED>(scores, valid, j, c, m, probs, sums);
+  if (SUMS)
+    for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
   for (int c0 = 0; c0 < nct; c0 += 4) {
     const int n = nct - c0 < 4 ? nct - c0 : 4;
     float* a = acc + 16 * c0;
@@ -202,11 +214,27 @@ void block_probs_values_wide(const float* scores, int valid, float c, const floa
   }
 }
 
+// The probabilities and values of one block, as the block needs: row sums unless V has a column
+// of ones (`ones` >= 0), masks unless all its keys are real.
+template <int NCT>
+void probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
+                  const uint16_t* vp_block, float* acc, int nct, int ones) {
+  const bool sums = ones < 0, masked = valid < kKeyBlock;
+#define LDM_PV(S, M)                                                                   \
+  if constexpr (NCT > 0) block_probs_values<NCT, S, M>(scores, valid, c, m, l, probs, vp_block, acc); \
+  else block_probs_values_wide<S, M>(scores, valid, c, m, l, probs, vp_block, acc, nct);
+  if (sums && masked) { LDM_PV(true, true) }
+  else if (sums) { LDM_PV(true, false) }
+  else if (masked) { LDM_PV(false, true) }
+  else { LDM_PV(false, false) }
+#undef LDM_PV
+}
+
 // 16 query rows against all keys. KSTEPS (1, 2) and NCT (1..4) fixed for widths up to 64; 0 and 0
-// for wider heads, with their `ksteps` and `nct` at run time.
+// for wider heads, with their `ksteps` and `nct` at run time. `ones`: V's column of ones, or -1.
 template <int KSTEPS, int NCT>
 void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int kv_len, float c,
-                 const float* bounds, int ksteps, int nct) {
+                 const float* bounds, int ksteps, int nct, int ones) {
   if (KSTEPS > 0) ksteps = KSTEPS, nct = NCT;
   alignas(64) float scores[kQRows * kKeyBlock];
   alignas(64) uint16_t probs[kQRows * kKeyBlock];
@@ -225,18 +253,17 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
     else block_scores_wide(q, ksteps, kp_block, scores);
     const int valid = kv_len - b * kKeyBlock < kKeyBlock ? kv_len - b * kKeyBlock : kKeyBlock;
     if (!bounded) raise_row_max(scores, valid, c, m, l, acc, nct);
-    if (NCT > 0) block_probs_values<NCT>(scores, valid, c, m, l, probs, vp_block, acc);
-    else block_probs_values_wide(scores, valid, c, m, l, probs, vp_block, acc, nct);
+    probs_values<NCT>(scores, valid, c, m, l, probs, vp_block, acc, nct, ones);
   }
   for (int r = 0; r < kQRows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+    const __m512 inv = _mm512_set1_ps(1.0f / (ones >= 0 ? acc[r * kMaxWidth + ones] : l[r]));
     for (int k = 0; k < nct; ++k)
       store_bf16(out + r * nct * 16 + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + r * kMaxWidth + 16 * k), inv));
   }
 }
 
 using RowsFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, float, const float*, int,
-                        int);
+                        int, int);
 
 RowsFn pick(int ksteps, int nct) {
   static const RowsFn table[2][4] = {
@@ -287,8 +314,10 @@ float pack_keys(const View& k, long b, long h, int m, int d, int ksteps, int nkv
   return sqrtf(_mm512_reduce_max_ps(kmax2));
 }
 
-// V of head (b, h) in its tile layout: keys 2p and 2p+1 interleaved, 16 columns at a time
-void pack_values(const View& v, long b, long h, int m, int dv, int nkv, int nct, uint16_t* vp) {
+// V of head (b, h) in its tile layout: keys 2p and 2p+1 interleaved, 16 columns at a time; with
+// `ones` >= 0, that column is 1 for every real key, so that probs . V also sums the probabilities
+void pack_values(const View& v, long b, long h, int m, int dv, int nkv, int nct, int ones, uint16_t* vp) {
+  const __m256i one = _mm256_set1_epi16(0x3f80);  // bf16 1.0
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int key = 0; key < nkv; key += 2) {
@@ -297,8 +326,13 @@ void pack_values(const View& v, long b, long h, int m, int dv, int nkv, int nct,
     uint16_t* vt = vp + (long)(key / 32) * nct * 512 + ((key % 32) / 2) * 32;
     for (int c = 0; c < nct; ++c) {
       const __mmask16 cols = ldm::mask_from(dv - 16 * c);
-      const __m256i a = r0 ? _mm256_maskz_loadu_epi16(cols, r0 + 16 * c) : _mm256_setzero_si256();
-      const __m256i z = r1 ? _mm256_maskz_loadu_epi16(cols, r1 + 16 * c) : _mm256_setzero_si256();
+      __m256i a = r0 ? _mm256_maskz_loadu_epi16(cols, r0 + 16 * c) : _mm256_setzero_si256();
+      __m256i z = r1 ? _mm256_maskz_loadu_epi16(cols, r1 + 16 * c) : _mm256_setzero_si256();
+      if (ones >= 16 * c && ones < 16 * c + 16) {
+        const __mmask16 lane = (__mmask16)(1u << (ones - 16 * c));
+        if (r0) a = _mm256_mask_mov_epi16(a, lane, one);
+        if (r1) z = _mm256_mask_mov_epi16(z, lane, one);
+      }
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), z, 1);
       _mm512_storeu_si512(vt + c * 512, _mm512_permutexvar_epi16(interleave, both));
     }
@@ -350,13 +384,14 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
   uint16_t* vp = kp + bh * kp_size;
   float* kmax = reinterpret_cast<float*>(vp + bh * vp_size);
   const RowsFn rows = pick(ksteps, nct);
+  const int ones = dv % 16 ? dv : -1;  // a spare column in the last value tile carries the row sums
   const float c = scale * 1.4426950408889634f;  // scores to base 2
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
     for (long i = 0; i < bh; ++i) {
       kmax[i] = pack_keys(kv, i / heads, i % heads, m, d, ksteps, nkv, kp + i * kp_size);
-      pack_values(vv, i / heads, i % heads, m, dv, nkv, nct, vp + i * vp_size);
+      pack_values(vv, i / heads, i % heads, m, dv, nkv, nct, ones, vp + i * vp_size);
     }
     configure_tiles();
     alignas(64) uint16_t qblock[kQRows * kMaxWidth];
@@ -366,7 +401,7 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
     for (long i = 0; i < bh * qblocks; ++i) {
       const long hb = i / qblocks, b = hb / heads, h = hb % heads, first = (i % qblocks) * kQRows;
       load_queries(qv, b, h, first, n, d, ksteps, c, kmax[hb], qblock, bounds);
-      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds, ksteps, nct);
+      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds, ksteps, nct, ones);
       for (int r = 0; r < kQRows && first + r < n; ++r)
         memcpy(ov.row(b, h, first + r), oblock + r * nct * 16, dv * 2);
     }
