@@ -244,7 +244,7 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
   bool bounded = bounds != nullptr;
   for (int r = 0; r < kQRows && bounded; ++r) bounded = bounds[r] < kMaxBound;
   for (int r = 0; r < kQRows; ++r) { m[r] = bounded ? bounds[r] : -INFINITY; l[r] = 0.0f; }
-  memset(acc, 0, sizeof acc);
+  for (int r = 0; r < kQRows; ++r) memset(acc + r * kMaxWidth, 0, nct * 16 * sizeof(float));  // the columns used
   const int blocks = (kv_len + kKeyBlock - 1) / kKeyBlock;
   for (int b = 0; b < blocks; ++b) {
     const uint16_t* kp_block = kp + (size_t)b * (kKeyBlock / 16) * ksteps * 512;
