@@ -162,8 +162,7 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False, shift: t
     b, c, h, w = x.shape
     nhwc = not x.is_contiguous()  # then channels_last (_norm_eligible)
     out = torch.empty_like(x)
-    weight = torch.ones(c) if norm.weight is None else norm.weight.detach().float().contiguous()
-    bias = torch.zeros(c) if norm.bias is None else norm.bias.detach().float().contiguous()
+    weight, bias = _float_affine(norm)
     shift = None if shift is None else shift.detach().float().contiguous()
     status = lib.ldm_group_norm(x.data_ptr(), out.data_ptr(), b, c, h * w, int(nhwc), norm.num_groups,
                                 None if shift is None else shift.data_ptr(), weight.data_ptr(), bias.data_ptr(),
@@ -171,6 +170,24 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False, shift: t
     if status != 0:
         raise RuntimeError(f"group_norm refused x {tuple(x.shape)} with {norm.num_groups} groups")
     return out
+
+
+def _float_affine(norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm's scale and offset as contiguous float32, as the kernel reads them; cached on the
+    module (a sampler calls each norm dozens of times) until its weights change or move. Inference
+    tensors keep no version counter, so for them nothing is cached."""
+    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    cacheable = not any(p.is_inference() for p in params)
+    key = tuple((p.data_ptr(), p._version) for p in params) if cacheable else None
+    cached = getattr(norm, "_ldm_float_affine", None)
+    if cached is not None and key is not None and cached[0] == key:
+        return cached[1], cached[2]
+    c = norm.num_channels
+    weight = torch.ones(c) if norm.weight is None else norm.weight.detach().float().contiguous()
+    bias = torch.zeros(c) if norm.bias is None else norm.bias.detach().float().contiguous()
+    if cacheable:
+        norm._ldm_float_affine = (key, weight, bias)
+    return weight, bias
 
 
 def _norm_eligible(x: torch.Tensor, norm: nn.GroupNorm, shift: torch.Tensor | None) -> bool:
