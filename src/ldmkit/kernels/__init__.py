@@ -178,9 +178,11 @@ def _float_affine(norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     tensors keep no version counter, so for them nothing is cached."""
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     cacheable = not any(p.is_inference() for p in params)
-    key = tuple((p.data_ptr(), p._version) for p in params) if cacheable else None
+    # the same tensors (held, so their memory is not reused), same storage, not written since
+    key = [(p, p.data_ptr(), p._version) for p in params] if cacheable else None
     cached = getattr(norm, "_ldm_float_affine", None)
-    if cached is not None and key is not None and cached[0] == key:
+    if (key is not None and cached is not None and len(cached[0]) == len(key)
+            and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached[0], key))):
         return cached[1], cached[2]
     c = norm.num_channels
     weight = torch.ones(c) if norm.weight is None else norm.weight.detach().float().contiguous()
