@@ -28,6 +28,7 @@ def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     assert log["recipe"]["schedule"]["rescale_betas_zero_snr"] is True
     assert set(summary) >= {"vae", "clip", "unet", "unet_refine", "unet_refine_2", "vae_decoder", "total_minutes"}
     assert summary["vae"]["scaling_factor"] > 0
+    assert 0 <= summary["vae_decoder"]["reconstructed_two_object_correct"] <= 1
     for stage in ("vae", "clip", "unet", "unet_refine", "unet_refine_2"):
         assert checkpoint_paths(tmp_path / "runs" / stage / "checkpoints")
     pipe = load_pipeline(out, precision="fp32", device="cpu")
