@@ -171,14 +171,14 @@ def hard_negative_set(recipe: ShapesModelRecipe, count: int = 300) -> tuple[torc
 @torch.no_grad()
 def autoencoder_alignment(vae, recipe: ShapesModelRecipe, count: int = 400) -> float:
     """The fraction of fresh two-object scenes (not training images) whose VAE reconstruction
-    (posterior mean, decoded, rounded to uint8) the shapes judge still reads as fully matching
+    (posterior mode, decoded, rounded to uint8) the shapes judge still reads as fully matching
     the caption: the ceiling the autoencoder puts on the U-Net's two-object score."""
     from ..evaluation.alignment import text_alignment
     from ..evaluation.shapes_classifier import load_shapes_judge
 
     images, captions = render_scenes(count, recipe.image_size, recipe.seed + 6, one_object_fraction=0.0)
     x = uint8_to_images(images)
-    decoded = torch.cat([vae.decode(vae.encode(x[i:i + 100]).mean) for i in range(0, count, 100)])
+    decoded = torch.cat([vae.decode(vae.encode(x[i:i + 100]).mode()) for i in range(0, count, 100)])
     rounded = uint8_to_images(images_to_uint8(decoded))
     return round(text_alignment(captions, rounded, load_shapes_judge())["two_object"]["correct"], 4)
 
