@@ -4,6 +4,7 @@ model (VAE, CLIP, U-Net, saved and loaded back) and the digits DDPM."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     for stage in ("vae", "clip", "unet", "unet_refine", "unet_refine_2"):
         assert checkpoint_paths(tmp_path / "runs" / stage / "checkpoints")
     pipe = load_pipeline(out, precision="fp32", device="cpu")
+    assert pipe.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])  # what the U-Net saw
     assert pipe.default_size == 64 and pipe.tokenizer.context_length == 16
     images = pipe.txt2img("a red circle", sampler="dpmpp_2m", steps=2, height=64, width=64, seed=0, output="tensor")
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
@@ -124,7 +126,7 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latent_space(tmp_path)
     from ldmkit.training.trainer import TrainConfig, Trainer
 
     config = vae_preset("tiny", sample_size=16)
-    trained = AutoencoderKL(config)
+    trained = AutoencoderKL(replace(config, scaling_factor=0.3))  # as measured on its latents
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     stage = VAEStage(config, images, decoder_of=trained)
     assert stage.name == "vae_decoder"
@@ -133,6 +135,7 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latent_space(tmp_path)
     before, after = trained.state_dict(), vae.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(("encoder.", "quant_conv.")))
     assert not all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))
+    assert vae.config.scaling_factor == 0.3  # the latent space is the trained VAE's, so is its scale
 
 
 def test_clip_stage_adds_each_captions_hard_negatives_after_the_batch(tmp_path):

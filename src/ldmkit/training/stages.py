@@ -16,6 +16,7 @@ loss receives may be wrapped in DistributedDataParallel, so losses only call `mo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -76,6 +77,8 @@ class VAEStage:
                  decoder_of: AutoencoderKL | None = None) -> None:
         if reconstruction not in ("l1", "l2"):
             raise InvalidArgument(f"reconstruction must be l1 or l2, got {reconstruction!r}")
+        if decoder_of is not None:  # the same latent space: its measured scaling factor too
+            config = replace(config, scaling_factor=decoder_of.config.scaling_factor)
         vae = AutoencoderKL(config)
         if decoder_of is not None:
             # Fine-tune only the decoder of a trained VAE (as SD's ft-MSE VAE did): the encoder,
