@@ -18,7 +18,7 @@ import torch
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldmkit.models.unet import UNet, unet_preset
 from ldmkit.training.stages import PixelDDPMStage
-from ldmkit.training.trainer import TrainConfig, Trainer, init_distributed, world
+from ldmkit.training.trainer import TrainConfig, Trainer, finish_distributed, init_distributed, world
 
 
 def tiny_stage(seed: int = 0) -> PixelDDPMStage:
@@ -76,6 +76,7 @@ def main() -> int:
     if world()[0] == 0:
         torch.save({"model": trainer.model.state_dict(), "history": torch.tensor(trainer.history)},
                    f"{args.run_dir}/final.pt")
+    finish_distributed()
     return 0
 
 

@@ -51,9 +51,17 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .trainer import TrainConfig, init_distributed, world
+    from .trainer import finish_distributed, init_distributed
 
     init_distributed()
+    status = _train(args)
+    finish_distributed()
+    return status
+
+
+def _train(args) -> int:
+    from .trainer import TrainConfig, world
+
     run_dir = args.run_dir or Path("runs") / args.recipe
     if args.recipe == "shapes-model":
         from .shapes_model import SCHEDULES, UNET_CONTINUE_TRAIN, ShapesModelRecipe, continue_unet, train_shapes_model

@@ -189,6 +189,15 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def finish_distributed() -> None:
+    """Leave the process group once every rank is done; no-op when alone. A rank that exits with
+    the group still open can close its sockets while another rank still reads them, and gloo then
+    aborts that rank (SIGABRT) after a run that succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 
