@@ -92,6 +92,28 @@ def test_txt2img_writes_png_with_parameters(model, tmp_path, capsys):
     assert p["precision"] == auto and p["device"] == "cpu" and p["strength"] is None
 
 
+def test_a_model_folder_recommends_its_guidance_scale(model, tmp_path):
+    import shutil
+
+    from ldmkit.pipelines.load import BUNDLED_MODEL, GENERATION_FILE, recommended_cfg_scale
+
+    assert recommended_cfg_scale(model) == 7.5  # no generation.json: SD's usual scale
+    assert recommended_cfg_scale(BUNDLED_MODEL) == 5.0
+    own = tmp_path / "own"
+    shutil.copytree(model, own)
+    (own / GENERATION_FILE).write_text('{"cfg_scale": 3.5}')
+    assert generate(own, tmp_path / "a.png") == 0
+    assert read_parameters(tmp_path / "a.png")["cfg_scale"] == 3.5  # used and recorded
+    assert generate(own, tmp_path / "b.png", "--cfg-scale", "2") == 0
+    assert read_parameters(tmp_path / "b.png")["cfg_scale"] == 2.0  # the flag wins
+    assert main(["convert", str(own), str(tmp_path / "copy")]) == 0
+    assert recommended_cfg_scale(tmp_path / "copy") == 3.5  # converting a folder keeps it
+    for bad in ('{"cfg_scale": -1}', '{"cfg_scale": "high"}', '{"guidance": 5}', "not json"):
+        (own / GENERATION_FILE).write_text(bad)
+        with pytest.raises(LdmkitError, match="generation.json"):
+            recommended_cfg_scale(own)
+
+
 def test_random_seed_is_printed_and_recorded(model, tmp_path, capsys):
     out = tmp_path / "r.png"
     assert generate(model, out) == 0

@@ -35,6 +35,7 @@ def test_shapes_model_recipe_writes_a_model_that_generates(tmp_path):
     pipe = load_pipeline(out, precision="fp32", device="cpu")
     assert pipe.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])  # what the U-Net saw
     assert pipe.default_size == 64 and pipe.tokenizer.context_length == 16
+    assert pipe.default_cfg_scale == log["recipe"]["cfg_scale"] == 5.0  # its generation.json
     images = pipe.txt2img("a red circle", sampler="dpmpp_2m", steps=2, height=64, width=64, seed=0, output="tensor")
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
@@ -53,6 +54,7 @@ def test_continuing_a_models_unet_changes_only_the_unet(tmp_path):
     assert changed(before.unet, after.unet)
     assert not changed(before.vae, after.vae) and not changed(before.text_encoder, after.text_encoder)
     assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert after.default_cfg_scale == before.default_cfg_scale == 5.0
     assert after.tokenizer("a red circle").tolist() == before.tokenizer("a red circle").tolist()
     log = lambda folder: json.loads((folder / "training.json").read_text())["summary"]  # noqa: E731
     earlier, continued = log(BUNDLED_MODEL).get("unet_continued", []), log(out)["unet_continued"]

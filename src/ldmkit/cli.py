@@ -86,6 +86,7 @@ def add_convert(sub) -> None:
 
 def run_convert(args) -> int:
     from .checkpoints.loading import save_diffusers, save_single_file
+    from .pipelines.load import GENERATION_FILE, recommended_cfg_scale, write_recommended_cfg_scale
 
     dst = Path(args.dst)
     if dst.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -95,6 +96,9 @@ def run_convert(args) -> int:
         save_single_file(components, dst)
     else:
         save_diffusers(components, dst)
+        src = Path(args.src)
+        if (src / GENERATION_FILE).is_file():  # a folder's recommended settings go with its weights
+            write_recommended_cfg_scale(dst, recommended_cfg_scale(src))
     print(f"wrote {dst} ({components.architecture}, {components.prediction_type})")
     return 0
 
@@ -123,7 +127,9 @@ def add_generate(sub) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (lms, euler, euler_a, heun, dpmpp_2m)")
     p.add_argument("--steps", type=int, default=25, help=f"sampling steps, 1..{MAX_STEPS} (default 25)")
-    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale (default: what the model recommends in its "
+                   "generation.json, 5 for the bundled model; else 7.5)")
     p.add_argument("--cfg-rescale", type=float, default=0.0,
                    help="guidance rescale, 0..1 (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default 0)")
     p.add_argument("--eta", type=float, help="noise of ddim (default 0), ddpm and euler_a (default 1)")
@@ -158,7 +164,8 @@ def _check_generate_args(args) -> None:
     finite = lambda x: x is not None and math.isfinite(x)  # noqa: E731
     problems = (
         (not 1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}"),
-        (not (finite(args.cfg_scale) and args.cfg_scale >= 0), f"--cfg-scale must be >= 0, got {args.cfg_scale}"),
+        (args.cfg_scale is not None and not (finite(args.cfg_scale) and args.cfg_scale >= 0),
+         f"--cfg-scale must be >= 0, got {args.cfg_scale}"),
         (not 0 <= args.cfg_rescale <= 1, f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}"),
         (args.num_images < 1, f"--num-images must be >= 1, got {args.num_images}"),
         (args.batch_size is not None and args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
@@ -362,6 +369,8 @@ def run_generate(args) -> int:
 
     pipe = load_pipeline(model_path, args.precision, args.device, prediction_type=args.prediction_type,
                          arch=args.arch, inpainting=args.inpainting)
+    if args.cfg_scale is None:
+        args.cfg_scale = pipe.default_cfg_scale
     job = _plan_job(args, pipe, init, mask, model_path)
     print(f"seed {job.seed}: {len(job.paths)} image(s) of {job.width}x{job.height} in batches of {job.batch}, "
           f"{job.parameters['precision']} on {job.parameters['device']}")

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder or file (default: the bundled shapes model)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one row each)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--cfg-scale", type=float, help="default: what the model recommends (the bundled model: 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/demo.png")
     args = parser.parse_args(argv)
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         path = resolve_model_path(args.model)
         pipe = load_pipeline(path)
+        if args.cfg_scale is None:
+            args.cfg_scale = pipe.default_cfg_scale
         n = args.per_prompt
         prompts = [p for p in PROMPTS for _ in range(n)]
         with torch.inference_mode():

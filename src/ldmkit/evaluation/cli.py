@@ -49,7 +49,9 @@ def _add_shapes(evsub) -> None:
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale (default: what the model recommends in its "
+                   "generation.json, 5 for the bundled model; else 7.5)")
     p.add_argument("--cfg-rescale", type=float, default=0.0, help="guidance rescale, 0..1 (default 0)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed SEED+k (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
@@ -103,7 +105,7 @@ def _check_shapes_args(args) -> None:
         (args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.seed < 0, f"--seed must be >= 0, got {args.seed}"),
-        (not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0),
+        (args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0),
          f"--cfg-scale must be >= 0, got {args.cfg_scale}"),
         (not 0 <= args.cfg_rescale <= 1, f"--cfg-rescale must be between 0 and 1, got {args.cfg_rescale}"),
         (args.out is not None and args.out.suffix.lower() != ".json", f"--out must be a .json path, got {args.out}"),
@@ -186,6 +188,8 @@ def _run_shapes(args) -> int:
         prompt_sets = {name: evaluation_prompts(name) for name in sets}
     judge = load_shapes_judge(args.classifier)
     pipe = load_pipeline(model_path, args.precision, args.device)
+    if args.cfg_scale is None:
+        args.cfg_scale = pipe.default_cfg_scale
     reports, grids = {}, []
     for name, prompts in prompt_sets.items():
         bar = tqdm(total=len(prompts) * args.num_per_prompt, desc=f"generating ({name})", unit="image")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 HASH_LENGTH = 10  # hex characters of the model hash recorded with each image
 HASH_CACHE_FILE = "model_hashes.json"  # in the user cache: {model path: {"files": [...], "hash"}}
+GENERATION_FILE = "generation.json"  # in a model folder: settings its makers recommend, {"cfg_scale": 5.0}
+DEFAULT_CFG_SCALE = 7.5  # SD's usual guidance scale, for models that recommend none
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -90,6 +93,27 @@ def precision_name(dtype: torch.dtype) -> str:
 def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The VAE's dtype next to a U-Net in `dtype`: fp16 is upcast to float32 (overflow)."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def recommended_cfg_scale(path: str | Path) -> float:
+    """The classifier-free guidance scale a model folder recommends in its GENERATION_FILE, else
+    DEFAULT_CFG_SCALE. A model trained on little data can need far less guidance than SD's 7.5
+    (the bundled model: 5)."""
+    file = Path(path) / GENERATION_FILE
+    if not file.is_file():
+        return DEFAULT_CFG_SCALE
+    try:
+        value = json.loads(file.read_text())["cfg_scale"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LdmkitError(f"{file}: no readable cfg_scale ({type(e).__name__}: {e})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise LdmkitError(f"{file}: cfg_scale must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def write_recommended_cfg_scale(folder: str | Path, cfg_scale: float) -> None:
+    """Record in a model folder the guidance scale its users should get by default."""
+    write_text_atomic(Path(folder) / GENERATION_FILE, json.dumps({"cfg_scale": cfg_scale}, indent=2) + "\n")
 
 
 def model_hash(path: str | Path) -> str:
@@ -169,4 +193,4 @@ def load_pipeline(
         kernels.amx_attention_available()  # build our kernels now, not in the first step
         kernels.group_norm_kernel_available()
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
-                           NoiseSchedule(comps.schedule_config))
+                           NoiseSchedule(comps.schedule_config), default_cfg_scale=recommended_cfg_scale(path))

@@ -193,7 +193,7 @@ class StableDiffusion:
     """
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, schedule: NoiseSchedule) -> None:
+                 tokenizer: CLIPTokenizer, schedule: NoiseSchedule, default_cfg_scale: float = 7.5) -> None:
         self.unet = unet.eval()
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
@@ -203,6 +203,7 @@ class StableDiffusion:
         self.downscale = vae.config.downscale
         self.multiple = math.lcm(8, self.downscale)  # height and width must be multiples of this
         self.vae_tile_size: int | None = vae.config.sample_size  # decode/encode tiles above this side; None: never
+        self.default_cfg_scale = default_cfg_scale  # the guidance the CLI uses when none is asked for
 
     @property
     def device(self) -> torch.device:
