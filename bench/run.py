@@ -18,7 +18,8 @@ Workloads (each timed for every variant, in one process, variants alternating):
 Variants: diffusers fp32, diffusers under bf16 autocast, ldmkit fp32, ldmkit fp32 with
 channels_last weights and inputs (U-Net and VAE: the layout's effect alone), ldmkit with bf16
 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
-(`ldmkit.models.onednn`, what `load_pipeline` runs on a CPU in bf16; the bf16 pipelines use it),
+(`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 on a CPU with AMX; elsewhere the bf16
+pipelines use bf16 channels_last),
 and with --compile bf16 channels_last under torch.compile. The diffusers /
 transformers models share ldmkit fp32's weight tensors, so the weights are held once.
 
@@ -80,7 +81,7 @@ from ldmkit.models.layers import Attention, SpatialSelfAttention, SpatialTransfo
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import UNet, unet_preset
 from ldmkit.models.vae import AutoencoderKL, vae_preset
-from ldmkit.pipelines.load import BUNDLED_MODEL, cpu_has_native_bf16, load_pipeline
+from ldmkit.pipelines.load import BUNDLED_MODEL, cpu_has_amx, cpu_has_native_bf16, load_pipeline
 from ldmkit.pipelines.stable_diffusion import StableDiffusion
 
 BF16 = torch.bfloat16
@@ -95,7 +96,8 @@ SD15_SCHEDULER = dict(
 )
 D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit bf16 CL", "ldmkit bf16 CL compile"
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
-LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on the CPU
+LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on AMX CPUs
+LBF = LPK if cpu_has_amx() else L16  # the bf16 U-Net load_pipeline builds on this CPU: the pipelines' bf16 variant
 LPS = "ldmkit bf16 packed SDPA"  # the same with PyTorch's attention kernel in place of our AMX one
 LPG = "ldmkit bf16 packed PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
 L16G = "ldmkit bf16 CL PyTorch GN"
@@ -465,8 +467,9 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         p.vae_tile_size = None  # decode whole, as diffusers does (tiling starts above 512 for SD anyway)
         return p
 
-    # bf16: what load_pipeline builds on the CPU (packed U-Net, channels_last VAE)
-    ours32, ours16 = ours_pipe(m.unet, m.vae, m.text), ours_pipe(m.unet_packed, m.vae16, m.text16)
+    # bf16: what load_pipeline builds on the CPU (U-Net packed where AMX is, else channels_last; channels_last VAE)
+    unet16 = m.unet_packed if LBF == LPK else m.unet16
+    ours32, ours16 = ours_pipe(m.unet, m.vae, m.text), ours_pipe(unet16, m.vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=m.d_vae, text_encoder=m.d_text, tokenizer=hf_tokenizer, unet=m.d_unet, scheduler=scheduler,
@@ -487,7 +490,7 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         return lambda: p.txt2img(PROMPT, "", sampler="dpmpp_2m", steps=steps, cfg_scale=7.5, height=h, width=h,
                                  seed=0, output="tensor")
 
-    variants = {D32: theirs, DAC: theirs_ac, L32: ours(ours32), LPK: ours(ours16)}
+    variants = {D32: theirs, DAC: theirs_ac, L32: ours(ours32), LBF: ours(ours16)}
     if compile_:
         variants[LCO] = ours(ours_pipe(m.unet_compiled, m.vae16, m.text16))
     flops = flops_per["text encode"] + steps * flops_per["U-Net step"] + flops_per["VAE decode"]
@@ -501,7 +504,7 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
     from ldmkit.training.shapes_model import SAMPLE_PROMPTS
 
     p32 = load_pipeline(folder, precision="fp32", device="cpu")
-    p16 = load_pipeline(folder, precision="bf16", device="cpu")  # packed U-Net, channels_last VAE
+    p16 = load_pipeline(folder, precision="bf16", device="cpu")  # U-Net packed where AMX is, channels_last VAE
     per_prompt = max(1, sizes.shapes_images // len(SAMPLE_PROMPTS))
     prompts = list(SAMPLE_PROMPTS[: sizes.shapes_images // per_prompt])
     n = len(prompts) * per_prompt
@@ -511,7 +514,7 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
         return lambda: p.txt2img(prompts, "", sampler="dpmpp_2m", steps=steps, cfg_scale=7.5, height=side,
                                  width=side, num_images=per_prompt, seed=0, output="tensor")
 
-    variants = {L32: run(p32), LPK: run(p16)}
+    variants = {L32: run(p32), LBF: run(p16)}
     if compile_backend:
         p16c = StableDiffusion(torch.compile(p16.unet, backend=compile_backend), p16.vae, p16.text_encoder,
                                p16.tokenizer, p16.schedule)
@@ -663,9 +666,9 @@ def training_workload(sizes: Sizes, folder: Path) -> Workload:
 def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: int) -> float:
     """Steps x U-Net + decode + text, summed over the variants the pipeline times, times runs."""
     total = 0.0
-    for name in (D32, DAC, L32, LPK, LCO):
+    for name in (D32, DAC, L32, LBF, LCO):
         parts = [workloads[w].timings.get(name) for w in ("U-Net step", "VAE decode", "text encode")]
-        if name in (LPK, LCO):  # the pipeline's bf16 runs use the channels_last VAE and the bf16 text encoder
+        if name in (LBF, LCO):  # the pipeline's bf16 runs use the channels_last VAE and the bf16 text encoder
             parts[1:] = workloads["VAE decode"].timings.get(L16), workloads["text encode"].timings.get("ldmkit bf16")
         if all(p is not None and p.times for p in parts):
             total += steps * parts[0].median + parts[1].median + parts[2].median
