@@ -98,8 +98,8 @@ D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit f
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
 LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on AMX CPUs
 LBF = LPK if cpu_has_amx() else L16  # the bf16 U-Net load_pipeline builds on this CPU: the pipelines' bf16 variant
-LPS = "ldmkit bf16 packed SDPA"  # the same with PyTorch's attention kernel in place of our AMX one
-LPG = "ldmkit bf16 packed PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
+LPS = f"{LBF} SDPA"  # that with PyTorch's attention kernel in place of ours
+LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
 L16G = "ldmkit bf16 CL PyTorch GN"
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
@@ -386,7 +386,7 @@ class Workload:
 
 
 def kernel_off(switch: Callable[[bool], bool], fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` run with one of our kernels switched off (`kernels.set_amx_attention` or
+    """`fn` run with one of our kernels switched off (`kernels.set_attention_kernel` or
     `kernels.set_group_norm_kernel`): PyTorch's kernel in its place."""
     def run():
         previous = switch(False)
@@ -414,13 +414,12 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
         with torch.autocast("cpu", dtype=BF16):
             return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
-    packed = lambda: m.unet_packed(x16, t, ctx16)  # noqa: E731
     variants = {D32: d32, DAC: dac, L32: lambda: m.unet(x, t, ctx), LCL: lambda: m.unet_cl(x_cl, t, ctx),
-                L16: lambda: m.unet16(x16, t, ctx16), LPK: packed}
-    if kernels.amx_attention_available():
-        variants[LPS] = kernel_off(kernels.set_amx_attention, packed)
+                L16: lambda: m.unet16(x16, t, ctx16), LPK: lambda: m.unet_packed(x16, t, ctx16)}
+    if kernels.attention_kernel():
+        variants[LPS] = kernel_off(kernels.set_attention_kernel, variants[LBF])
     if kernels.group_norm_kernel_available():
-        variants[LPG] = kernel_off(kernels.set_group_norm_kernel, packed)
+        variants[LPG] = kernel_off(kernels.set_group_norm_kernel, variants[LBF])
     if compile_:
         variants[LCO] = lambda: m.unet_compiled(x16, t, ctx16)
     what = f"batch {sizes.batch}, {cfg.in_channels}x{side}x{side} latents, 77x{cfg.context_dim} context"

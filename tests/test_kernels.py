@@ -1,4 +1,5 @@
-"""`ldmkit.kernels`: the AMX flash-attention kernel gives PyTorch's attention, and the GroupNorm
+"""`ldmkit.kernels`: the flash-attention kernel (its products on AMX tiles or as AVX512-BF16 dot
+products, each tested where the CPU has it) gives PyTorch's attention, and the GroupNorm
 kernel PyTorch's GroupNorm (with the shift before and SiLU after), to bf16 accuracy at every size
 they take; both hand everything else to PyTorch unchanged, and are what the U-Net and the VAE run
 on in bf16 inference."""
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from ldmkit import kernels
 from ldmkit.models.layers import Attention, ResnetBlock
 
-amx = pytest.mark.skipif(not kernels.amx_attention_available(), reason="no AMX, g++ or Linux here")
+attention_kernel = pytest.mark.skipif(not kernels.attention_kernel(), reason="no AVX512-BF16, g++ or Linux here")
+# the product paths this CPU runs: amx=True takes AMX tiles where they are, amx=False never
+PATHS = [pytest.param(False, id="avx512_bf16")] + ([pytest.param(True, id="amx")]
+                                                   if kernels.attention_kernel() == "amx" else [])
 norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reason="no AVX-512 BF16, g++ or Linux here")
 
 
@@ -24,7 +28,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref).norm() / ref.norm())
 
 
-@amx
+@attention_kernel
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("b,h,n,m,d,dv", [
     (2, 8, 1024, 1024, 40, 40),  # SD 1.x's head width; whole key blocks
     (1, 5, 300, 300, 64, 64),  # SD 2.x's; ragged blocks of queries and keys
@@ -35,28 +40,30 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     (1, 2, 257, 600, 18, 5),  # narrow widths, a value width apart from the key width
     (1, 1, 256, 256, 8, 24),
 ])
-def test_amx_attention_matches_pytorch(b, h, n, m, d, dv):
+def test_attention_kernel_matches_pytorch(b, h, n, m, d, dv, amx):
     q, k, v = heads(b, n, h, d, 2.0, 1), heads(b, m, h, d, 1.0, 2), heads(b, m, h, dv, 1.0, 3)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     theirs = rel_err(F.scaled_dot_product_attention(q, k, v), ref)
-    ours = kernels.attention(q, k, v)
+    ours = kernels.attention(q, k, v, amx=amx)
     assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
     assert rel_err(ours, ref) < max(2 * theirs, 4e-3)  # PyTorch's bf16 kernel: 1.7e-3 to 1.9e-3
 
 
-@amx
+@attention_kernel
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("d,m", [(40, 512), (80, 512), (40, 300)])
-def test_amx_attention_with_scores_too_large_for_a_fixed_bound(d, m):
+def test_attention_kernel_with_scores_too_large_for_a_fixed_bound(d, m, amx):
     """|q||k| far above the largest score: the kernel keeps a running row max instead."""
     q, k, v = heads(1, 512, 2, d, 40.0, 1), heads(1, m, 2, d, 4.0, 2), heads(1, m, 2, d, 1.0, 3)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert rel_err(kernels.attention(q, k, v), ref) < 4e-3
+    assert rel_err(kernels.attention(q, k, v, amx=amx), ref) < 4e-3
 
 
-@amx
-def test_amx_attention_writes_tokens_then_heads():
+@attention_kernel
+@pytest.mark.parametrize("amx", PATHS)
+def test_attention_kernel_writes_tokens_then_heads(amx):
     q = heads(2, 512, 4, 40)
-    out = kernels.attention(q, q, q)
+    out = kernels.attention(q, q, q, amx=amx)
     assert out.transpose(1, 2).is_contiguous()  # (B, N, H, dv): Attention's reshape is free
 
 
@@ -78,25 +85,25 @@ def test_attention_leaves_other_work_to_pytorch(case):
 
 def test_attention_switch_off_gives_pytorch():
     q = heads(1, 512, 2, 40)
-    previous = kernels.set_amx_attention(False)
+    previous = kernels.set_attention_kernel(False)
     try:
         assert torch.equal(kernels.attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
     finally:
-        kernels.set_amx_attention(previous)
+        kernels.set_attention_kernel(previous)
 
 
-@amx
+@attention_kernel
 def test_attention_module_runs_on_the_kernel():
     torch.manual_seed(0)
     layer = Attention(320, heads=8, head_dim=40).bfloat16().eval()
     x = torch.randn(2, 1024, 320).bfloat16()
     with torch.no_grad():
         ours = layer(x)
-        kernels.set_amx_attention(False)
+        kernels.set_attention_kernel(False)
         try:
             theirs = layer(x)
         finally:
-            kernels.set_amx_attention(True)
+            kernels.set_attention_kernel(True)
         ref = Attention.forward(layer.float(), x.float())
     assert not torch.equal(ours, theirs)  # a different kernel ran
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3

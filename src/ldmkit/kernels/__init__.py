@@ -1,13 +1,14 @@
 """Our own CPU kernels, compiled on first use and called through ctypes.
 
 - `attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) that
-  runs bf16 inference on Intel AMX through `amx_attention.cpp` when it can;
+  runs bf16 inference through `attention.cpp` when it can: its products on Intel AMX tiles where
+  the CPU has them, else as AVX512-BF16 dot products (AMD Zen 4 and 5, Intel Cooper Lake);
 - `group_norm(x, norm, silu, shift)` is `norm(x + shift)`, then SiLU, in one pass over a bf16
   feature map on AVX-512 through `group_norm.cpp` when it can.
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
-of the file); without g++, the CPU features or Linux, or with LDMKIT_AMX_ATTENTION=0 or
+of the file); without g++, the CPU features or Linux, or with LDMKIT_ATTENTION_KERNEL=0 or
 LDMKIT_GROUP_NORM_KERNEL=0 in the environment, its calls go to PyTorch.
 """
 
@@ -32,17 +33,19 @@ from ..cpu import cpu_flags
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw",
                  "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 NEEDS = {  # /proc/cpuinfo flags each kernel needs
-    "amx_attention": {"amx_tile", "amx_bf16", "avx512_bf16"},
-    "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+    "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+    "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
 }
+AMX_FLAGS = {"amx_tile", "amx_bf16"}  # where the attention kernel's products run on AMX tiles
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
 
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}  # kernel name -> library, or None where it cannot run
-_enabled = {"amx_attention": os.environ.get("LDMKIT_AMX_ATTENTION", "1") != "0",
+_enabled = {"attention": os.environ.get("LDMKIT_ATTENTION_KERNEL", "1") != "0",
             "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0"}
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
+_amx = False  # whether the attention kernel may use AMX tiles (the CPU has them and Linux granted them)
 
 
 def _build(name: str) -> Path:
@@ -76,20 +79,20 @@ def _load(name: str) -> ctypes.CDLL | None:
 
 
 def _open(name: str) -> ctypes.CDLL | None:
+    global _amx
     if not cpu_flags().issuperset(NEEDS[name]):
         return None
     try:
         lib = ctypes.CDLL(str(_build(name)))
     except (OSError, RuntimeError, subprocess.CalledProcessError):
         return None  # PyTorch's kernels are always there and always right
-    if name == "amx_attention":
-        if lib.ldm_amx_init() != 0:  # Linux refused the AMX tile state
-            return None
-        lib.ldm_amx_scratch_bytes.restype = ctypes.c_long
-        lib.ldm_amx_scratch_bytes.argtypes = [ctypes.c_int] * 5
-        lib.ldm_amx_attention.restype = ctypes.c_int
-        lib.ldm_amx_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
-                                          + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
+    if name == "attention":
+        _amx = cpu_flags().issuperset(AMX_FLAGS) and lib.ldm_amx_init() == 0  # 0: Linux granted the tile state
+        lib.ldm_attention_scratch_bytes.restype = ctypes.c_long
+        lib.ldm_attention_scratch_bytes.argtypes = [ctypes.c_int] * 5
+        lib.ldm_attention.restype = ctypes.c_int
+        lib.ldm_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+                                      + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     else:
         lib.ldm_group_norm.restype = ctypes.c_int
         lib.ldm_group_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long]
@@ -98,9 +101,11 @@ def _open(name: str) -> ctypes.CDLL | None:
     return lib
 
 
-def amx_attention_available() -> bool:
-    """Whether `attention` can use the AMX kernel in this process."""
-    return _load("amx_attention") is not None
+def attention_kernel() -> str | None:
+    """What `attention` runs on in this process: "amx", "avx512_bf16" or None (PyTorch's kernel)."""
+    if _load("attention") is None:
+        return None
+    return "amx" if _amx else "avx512_bf16"
 
 
 def group_norm_kernel_available() -> bool:
@@ -108,10 +113,10 @@ def group_norm_kernel_available() -> bool:
     return _load("group_norm") is not None
 
 
-def set_amx_attention(enabled: bool) -> bool:
-    """Let `attention` use the AMX kernel (where it can) or not; returns the previous setting.
-    The benchmark times both; LDMKIT_AMX_ATTENTION=0 sets it off at start-up."""
-    previous, _enabled["amx_attention"] = _enabled["amx_attention"], enabled
+def set_attention_kernel(enabled: bool) -> bool:
+    """Let `attention` use our kernel (where it can) or not; returns the previous setting.
+    The benchmark times both; LDMKIT_ATTENTION_KERNEL=0 sets it off at start-up."""
+    previous, _enabled["attention"] = _enabled["attention"], enabled
     return previous
 
 
@@ -130,11 +135,12 @@ def _eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, amx: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) -> (B, H, N, dv).
-    The AMX result is laid out as (B, N, H, dv) in memory, so `.transpose(1, 2)` of it is free."""
+    Our kernel's result is laid out as (B, N, H, dv) in memory, so `.transpose(1, 2)` of it is free.
+    `amx=False` keeps its products off AMX tiles (for tests of the other path on an AMX CPU)."""
     global _scratch
-    lib = _load("amx_attention") if _enabled["amx_attention"] and _eligible(q, k, v) else None
+    lib = _load("attention") if _enabled["attention"] and _eligible(q, k, v) else None
     if lib is None:
         return F.scaled_dot_product_attention(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -142,12 +148,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     out = q.new_empty(b, n, h, dv).transpose(1, 2)  # (B, H, N, dv) view of (B, N, H, dv)
     strides = (ctypes.c_long * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     with _lock:
-        if _scratch.numel() < (size := lib.ldm_amx_scratch_bytes(b, h, m, d, dv)):
+        if _scratch.numel() < (size := lib.ldm_attention_scratch_bytes(b, h, m, d, dv)):
             _scratch = torch.empty(size, dtype=torch.uint8)
-        status = lib.ldm_amx_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides, b, h, n,
-                                       m, d, dv, d ** -0.5, _scratch.data_ptr(), torch.get_num_threads())
+        status = lib.ldm_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), strides, b, h, n, m, d,
+                                   dv, d ** -0.5, _scratch.data_ptr(), torch.get_num_threads(), int(amx and _amx))
     if status != 0:
-        raise RuntimeError(f"amx_attention refused shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+        raise RuntimeError(f"the attention kernel refused shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     return out
 
 

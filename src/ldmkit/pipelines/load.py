@@ -202,7 +202,7 @@ def load_pipeline(
             onednn.prepack(comps.unet)
         else:
             comps.unet.to(memory_format=torch.channels_last)
-        kernels.amx_attention_available()  # build our kernels now, not in the first step
+        kernels.attention_kernel()  # build our kernels now, not in the first step
         kernels.group_norm_kernel_available()
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
                            NoiseSchedule(comps.schedule_config), default_cfg_scale=recommended_cfg_scale(path))

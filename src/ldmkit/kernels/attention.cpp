@@ -1,9 +1,11 @@
-// Flash attention for bf16 on Intel AMX (Sapphire Rapids and later), called through ctypes.
+// Flash attention for bf16 inference on the CPU, called through ctypes: the products on Intel AMX
+// tiles (Sapphire Rapids and later) or, on CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and 5,
+// Intel Cooper Lake), as vdpbf16ps on 512-bit vectors.
 //
 // Why our own: at SD's head widths (40, 64, 80, 160) PyTorch's CPU flash kernel spends most of its time
 // outside the matrix products: it writes fp32 scores, makes separate passes for the row max and
 // the float32 exp, and calls a general GEMM per block. Here the scores of 16 queries x 128 keys
-// stay in L1, both products run on AMX tiles, exp is a 2^x polynomial accurate to 1e-4 (below the
+// stay in L1, exp is a 2^x polynomial accurate to 1e-4 (below the
 // bf16 rounding, 4e-3, that the probabilities get anyway), and the row max is usually not needed:
 // softmax is the same for any shift of a row, and |q||k|max bounds the row's scores (Cauchy-
 // Schwarz), so with that bound as the shift nothing overflows, and while the bound is small
@@ -14,11 +16,13 @@
 // per head into the VNNI layouts of AMX B tiles (in `scratch`):
 //   kp (nkv/16, ksteps, 16, 16, 2)   K^T: per 16 keys and 32 widths, pairs of widths
 //   vp (nkv/32, nct, 16, 16, 2)      V: per 32 keys and 16 columns, pairs of keys
-// with nkv the key count rounded up to 128 and zeros past the real keys and widths.
+// with nkv the key count rounded up to 128 and zeros past the real keys and widths. Each row of a
+// tile is also what one vdpbf16ps takes: 16 keys' pairs of widths (against a broadcast pair of
+// one query), or 16 columns' pairs of keys (against a broadcast pair of one row's probabilities).
 //
-// Widths up to 64 (SD 2.x everywhere, SD 1.x at full resolution) keep the queries in two tiles and
-// the output in four; wider heads (SD 1.x's 80 and 160) reload the query tiles per 32 widths and
-// take the output 64 columns at a time, after the whole block's probabilities.
+// On AMX, widths up to 64 (SD 2.x everywhere, SD 1.x at full resolution) keep the queries in two
+// tiles and the output in four; wider heads (SD 1.x's 80 and 160) reload the query tiles per 32
+// widths and take the output 64 columns at a time, after the whole block's probabilities.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -184,17 +188,23 @@ void block_probs_values(const float* scores, int valid, float c, const float* m,
   if (NCT > 3) _tile_stored(6, acc + 48, kAccStride);
 }
 
+// All the block's probabilities (row sums into l with SUMS).
+template <bool SUMS, bool MASKED>
+void block_probs(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs) {
+  __m512 sums[kQRows];
+  for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
+  for (int j = 0; j < valid; j += 32) probs_step<SUMS, MASKED>(scores, valid, j, c, m, probs, sums);
+  if (SUMS)
+    for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
+}
+
 // The same for any number of 16-column tiles: all the block's probabilities first, then acc four
 // column tiles at a time (tiles 3..6), probs in tile 2 and V in tiles 0, 1, 7, 1.
 template <bool SUMS, bool MASKED>
 void block_probs_values_wide(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
                              const uint16_t* vp_block, float* acc, int nct) {
   constexpr int kAccStride = kMaxWidth * 4;
-  __m512 sums[kQRows];
-  for (int r = 0; r < kQRows; ++r) sums[r] = _mm512_setzero_ps();
-  for (int j = 0; j < valid; j += 32) probs_step<SUMS, MASKED>(scores, valid, j, c, m, probs, sums);
-  if (SUMS)
-    for (int r = 0; r < kQRows; ++r) l[r] += _mm512_reduce_add_ps(sums[r]);
+  block_probs<SUMS, MASKED>(scores, valid, c, m, l, probs);
   for (int c0 = 0; c0 < nct; c0 += 4) {
     const int n = nct - c0 < 4 ? nct - c0 : 4;
     float* a = acc + 16 * c0;
@@ -217,8 +227,75 @@ void block_probs_values_wide(const float* scores, int valid, float c, const floa
   }
 }
 
-// The probabilities and values of one block, as the block needs: row sums unless V has a column
-// of ones (`ones` >= 0), masks unless all its keys are real.
+// -- the products without AMX: vdpbf16ps, one broadcast pair of bf16 against 16 pairs per call --
+
+inline __m512bh pair_of(const uint16_t* p) {  // the two bf16 at p, in every 32-bit lane
+  int32_t x;
+  memcpy(&x, p, 4);
+  return (__m512bh)_mm512_set1_epi32(x);
+}
+
+inline __m512 dot_pairs(__m512 acc, __m512bh a, const uint16_t* b) {
+  return _mm512_dpbf16_ps(acc, a, (__m512bh)_mm512_loadu_si512(b));
+}
+
+// scores (16 x 128) = q (16 x 32*ksteps) . K^T, for the 32-key chunks that hold real keys: 8 rows x
+// 32 keys (16 accumulators) at a time, over the `pairs` pairs of widths that are not padding.
+void vector_block_scores(const uint16_t* q, int ksteps, int pairs, const uint16_t* kp_block, int valid,
+                         float* scores) {
+  const int dk = 32 * ksteps, groups = (valid + 31) / 32 * 2;  // of 16 keys
+  for (int g = 0; g < groups; g += 2) {
+    const uint16_t* k0 = kp_block + (long)g * ksteps * 512;  // pair p of 16 keys at k0 + 32 p
+    const uint16_t* k1 = k0 + ksteps * 512;
+    for (int r0 = 0; r0 < kQRows; r0 += 8) {
+      __m512 a0[8], a1[8];
+      for (int i = 0; i < 8; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+      for (int p = 0; p < pairs; ++p) {
+        const __m512bh kv0 = (__m512bh)_mm512_loadu_si512(k0 + 32 * p), kv1 = (__m512bh)_mm512_loadu_si512(k1 + 32 * p);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const __m512bh qp = pair_of(q + (r0 + i) * dk + 2 * p);
+          a0[i] = _mm512_dpbf16_ps(a0[i], qp, kv0);
+          a1[i] = _mm512_dpbf16_ps(a1[i], qp, kv1);
+        }
+      }
+      for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(scores + (r0 + i) * kKeyBlock + 16 * g, a0[i]);
+        _mm512_storeu_ps(scores + (r0 + i) * kKeyBlock + 16 * g + 16, a1[i]);
+      }
+    }
+  }
+}
+
+// acc (16 x 16*NCT fp32) += probs . V over the block's real key pairs, ROWS rows at a time with
+// their ROWS x NCT accumulators in registers (at most 20).
+template <int NCT>
+void vector_block_values(const uint16_t* probs, int valid, const uint16_t* vp_block, float* acc) {
+  constexpr int kRows = NCT <= 5 ? 4 : 2;
+  const int pairs = (valid + 1) / 2;  // an odd last key pairs with a probability of 0
+  for (int r0 = 0; r0 < kQRows; r0 += kRows) {
+    __m512 a[kRows][NCT];
+    for (int i = 0; i < kRows; ++i)
+      for (int t = 0; t < NCT; ++t) a[i][t] = _mm512_loadu_ps(acc + (r0 + i) * kMaxWidth + 16 * t);
+    for (int p = 0; p < pairs; ++p) {
+      const uint16_t* v = vp_block + (p / 16) * NCT * 512 + (p % 16) * 32;  // 16 columns' pair p
+      __m512bh pp[kRows];
+      for (int i = 0; i < kRows; ++i) pp[i] = pair_of(probs + (r0 + i) * kKeyBlock + 2 * p);
+#pragma GCC unroll 10
+      for (int t = 0; t < NCT; ++t) {
+        const __m512bh vv = (__m512bh)_mm512_loadu_si512(v + t * 512);
+        for (int i = 0; i < kRows; ++i) a[i][t] = _mm512_dpbf16_ps(a[i][t], pp[i], vv);
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int t = 0; t < NCT; ++t) _mm512_storeu_ps(acc + (r0 + i) * kMaxWidth + 16 * t, a[i][t]);
+  }
+}
+
+// -- one block of keys, either way ----------------------------------------------------------
+
+// The probabilities and values of one block on AMX, as the block needs: row sums unless V has a
+// column of ones (`ones` >= 0), masks unless all its keys are real.
 template <int NCT>
 void probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
                   const uint16_t* vp_block, float* acc, int nct, int ones) {
@@ -233,12 +310,46 @@ void probs_values(const float* scores, int valid, float c, const float* m, float
 #undef LDM_PV
 }
 
-// 16 query rows against all keys. KSTEPS (1, 2) and NCT (1..4) fixed for widths up to 64; 0 and 0
-// for wider heads, with their `ksteps` and `nct` at run time. `ones`: V's column of ones, or -1.
+// The products on AMX tiles: KSTEPS (1, 2) and NCT (1..4) fixed for widths up to 64; 0 and 0 for
+// wider heads, with their `ksteps` and `nct` at run time.
 template <int KSTEPS, int NCT>
+struct AmxProducts {
+  static constexpr int kKSteps = KSTEPS, kNct = NCT;
+  static void scores(const uint16_t* q, int ksteps, int, const uint16_t* kp_block, int, float* scores) {
+    if (KSTEPS > 0) block_scores<KSTEPS>(q, kp_block, scores);
+    else block_scores_wide(q, ksteps, kp_block, scores);
+  }
+  static void probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
+                           const uint16_t* vp_block, float* acc, int nct, int ones) {
+    ::probs_values<NCT>(scores, valid, c, m, l, probs, vp_block, acc, nct, ones);
+  }
+};
+
+// The products as vdpbf16ps (NCT: 1..10 column tiles); the probabilities of the whole block first.
+template <int NCT>
+struct VectorProducts {
+  static constexpr int kKSteps = 0, kNct = NCT;
+  static void scores(const uint16_t* q, int ksteps, int pairs, const uint16_t* kp_block, int valid, float* scores) {
+    vector_block_scores(q, ksteps, pairs, kp_block, valid, scores);
+  }
+  static void probs_values(const float* scores, int valid, float c, const float* m, float* l, uint16_t* probs,
+                           const uint16_t* vp_block, float* acc, int, int ones) {
+    const bool sums = ones < 0, masked = valid < kKeyBlock;
+    if (sums && masked) block_probs<true, true>(scores, valid, c, m, l, probs);
+    else if (sums) block_probs<true, false>(scores, valid, c, m, l, probs);
+    else if (masked) block_probs<false, true>(scores, valid, c, m, l, probs);
+    else block_probs<false, false>(scores, valid, c, m, l, probs);
+    vector_block_values<NCT>(probs, valid, vp_block, acc);
+  }
+};
+
+// 16 query rows against all keys, the products as P does them (AmxProducts or VectorProducts).
+// `pairs`: pairs of query/key widths that are not padding; `ones`: V's column of ones, or -1.
+template <class P>
 void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int kv_len, float c,
-                 const float* bounds, int ksteps, int nct, int ones) {
-  if (KSTEPS > 0) ksteps = KSTEPS, nct = NCT;
+                 const float* bounds, int ksteps, int nct, int pairs, int ones) {
+  if (P::kKSteps > 0) ksteps = P::kKSteps;
+  if (P::kNct > 0) nct = P::kNct;
   alignas(64) float scores[kQRows * kKeyBlock];
   alignas(64) uint16_t probs[kQRows * kKeyBlock];
   alignas(64) float acc[kQRows * kMaxWidth];
@@ -252,11 +363,10 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
   for (int b = 0; b < blocks; ++b) {
     const uint16_t* kp_block = kp + (size_t)b * (kKeyBlock / 16) * ksteps * 512;
     const uint16_t* vp_block = vp + (size_t)b * (kKeyBlock / 32) * nct * 512;
-    if (KSTEPS > 0) block_scores<KSTEPS>(q, kp_block, scores);
-    else block_scores_wide(q, ksteps, kp_block, scores);
     const int valid = kv_len - b * kKeyBlock < kKeyBlock ? kv_len - b * kKeyBlock : kKeyBlock;
+    P::scores(q, ksteps, pairs, kp_block, valid, scores);
     if (!bounded) raise_row_max(scores, valid, c, m, l, acc, nct);
-    probs_values<NCT>(scores, valid, c, m, l, probs, vp_block, acc, nct, ones);
+    P::probs_values(scores, valid, c, m, l, probs, vp_block, acc, nct, ones);
   }
   for (int r = 0; r < kQRows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / (ones >= 0 ? acc[r * kMaxWidth + ones] : l[r]));
@@ -266,13 +376,23 @@ void attend_rows(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, uint
 }
 
 using RowsFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, float, const float*, int,
-                        int, int);
+                        int, int, int);
 
-RowsFn pick(int ksteps, int nct) {
+template <int K, int N> using A = AmxProducts<K, N>;
+template <int N> using V = VectorProducts<N>;
+
+RowsFn pick_amx(int ksteps, int nct) {
   static const RowsFn table[2][4] = {
-      {attend_rows<1, 1>, attend_rows<1, 2>, attend_rows<1, 3>, attend_rows<1, 4>},
-      {attend_rows<2, 1>, attend_rows<2, 2>, attend_rows<2, 3>, attend_rows<2, 4>}};
-  return ksteps <= 2 && nct <= 4 ? table[ksteps - 1][nct - 1] : attend_rows<0, 0>;
+      {attend_rows<A<1, 1>>, attend_rows<A<1, 2>>, attend_rows<A<1, 3>>, attend_rows<A<1, 4>>},
+      {attend_rows<A<2, 1>>, attend_rows<A<2, 2>>, attend_rows<A<2, 3>>, attend_rows<A<2, 4>>}};
+  return ksteps <= 2 && nct <= 4 ? table[ksteps - 1][nct - 1] : attend_rows<A<0, 0>>;
+}
+
+RowsFn pick_vector(int nct) {
+  static const RowsFn table[kMaxColTiles] = {
+      attend_rows<V<1>>, attend_rows<V<2>>, attend_rows<V<3>>, attend_rows<V<4>>, attend_rows<V<5>>,
+      attend_rows<V<6>>, attend_rows<V<7>>, attend_rows<V<8>>, attend_rows<V<9>>, attend_rows<V<10>>};
+  return table[nct - 1];
 }
 
 struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its first three dimensions
@@ -365,17 +485,18 @@ extern "C" {
 // Ask Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 0 on success.
 int ldm_amx_init() { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
-// Bytes of scratch that ldm_amx_attention needs.
-long ldm_amx_scratch_bytes(int b, int h, int m, int d, int dv) {
+// Bytes of scratch that ldm_attention needs.
+long ldm_attention_scratch_bytes(int b, int h, int m, int d, int dv) {
   const long nkv = (m + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   return (long)b * h * nkv * (32 * ((d + 31) / 32) + 16 * ((dv + 15) / 16)) * 2 + (long)b * h * 4;
 }
 
 // out = softmax(scale * q k^T) v, q (B, H, n, d), k (B, H, m, d), v (B, H, m, dv), out (B, H, n, dv);
 // strides[12] = (b, h, token) element strides of q, k, v, out. Returns nonzero for unsupported sizes
-// (d odd or over 160, dv over 160).
-int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, const long* strides, int batch,
-                      int heads, int n, int m, int d, int dv, float scale, void* scratch, int threads) {
+// (d odd or over 160, dv over 160). `amx`: the products on AMX tiles (after ldm_amx_init), else as
+// vdpbf16ps.
+int ldm_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, const long* strides, int batch, int heads,
+                  int n, int m, int d, int dv, float scale, void* scratch, int threads, int amx) {
   const int ksteps = (d + 31) / 32, nct = (dv + 15) / 16;
   if (ksteps > kMaxKSteps || nct > kMaxColTiles || d % 2 || n < 1 || m < 1) return 1;
   const View qv{q, strides[0], strides[1], strides[2]}, kv{k, strides[3], strides[4], strides[5]},
@@ -386,7 +507,7 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
   uint16_t* kp = static_cast<uint16_t*>(scratch);
   uint16_t* vp = kp + bh * kp_size;
   float* kmax = reinterpret_cast<float*>(vp + bh * vp_size);
-  const RowsFn rows = pick(ksteps, nct);
+  const RowsFn rows = amx ? pick_amx(ksteps, nct) : pick_vector(nct);
   const int ones = dv % 16 ? dv : -1;  // a spare column in the last value tile carries the row sums
   const float c = scale * 1.4426950408889634f;  // scores to base 2
 #pragma omp parallel num_threads(threads)
@@ -396,7 +517,7 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
       kmax[i] = pack_keys(kv, i / heads, i % heads, m, d, ksteps, nkv, kp + i * kp_size);
       pack_values(vv, i / heads, i % heads, m, dv, nkv, nct, ones, vp + i * vp_size);
     }
-    configure_tiles();
+    if (amx) configure_tiles();
     alignas(64) uint16_t qblock[kQRows * kMaxWidth];
     alignas(64) uint16_t oblock[kQRows * kMaxWidth];
     float bounds[kQRows];
@@ -404,11 +525,11 @@ int ldm_amx_attention(uint16_t* q, uint16_t* k, uint16_t* v, uint16_t* out, cons
     for (long i = 0; i < bh * qblocks; ++i) {
       const long hb = i / qblocks, b = hb / heads, h = hb % heads, first = (i % qblocks) * kQRows;
       load_queries(qv, b, h, first, n, d, ksteps, c, kmax[hb], qblock, bounds);
-      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds, ksteps, nct, ones);
+      rows(qblock, kp + hb * kp_size, vp + hb * vp_size, oblock, m, c, bounds, ksteps, nct, d / 2, ones);
       for (int r = 0; r < kQRows && first + r < n; ++r)
         memcpy(ov.row(b, h, first + r), oblock + r * nct * 16, dv * 2);
     }
-    _tile_release();
+    if (amx) _tile_release();
   }
   return 0;
 }
