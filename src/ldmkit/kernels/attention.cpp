@@ -267,8 +267,8 @@ void vector_block_scores(const uint16_t* q, int ksteps, int pairs, const uint16_
   }
 }
 
-// acc (16 x 16*NCT fp32) += probs . V over the block's real key pairs, ROWS rows at a time with
-// their ROWS x NCT accumulators in registers (at most 20).
+// acc (16 x 16*NCT fp32) += probs . V over the block's real key pairs, kRows rows at a time with
+// their kRows x NCT accumulators in registers (at most 20).
 template <int NCT>
 void vector_block_values(const uint16_t* probs, int valid, const uint16_t* vp_block, float* acc) {
   constexpr int kRows = NCT <= 5 ? 4 : 2;
