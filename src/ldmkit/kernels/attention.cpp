@@ -235,10 +235,6 @@ inline __m512bh pair_of(const uint16_t* p) {  // the two bf16 at p, in every 32-
   return (__m512bh)_mm512_set1_epi32(x);
 }
 
-inline __m512 dot_pairs(__m512 acc, __m512bh a, const uint16_t* b) {
-  return _mm512_dpbf16_ps(acc, a, (__m512bh)_mm512_loadu_si512(b));
-}
-
 // scores (16 x 128) = q (16 x 32*ksteps) . K^T, for the 32-key chunks that hold real keys: 8 rows x
 // 32 keys (16 accumulators) at a time, over the `pairs` pairs of widths that are not padding.
 void vector_block_scores(const uint16_t* q, int ksteps, int pairs, const uint16_t* kp_block, int valid,
