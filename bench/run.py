@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import math
 import os
@@ -74,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldmkit import kernels
 from ldmkit.checkpoints.keys_unet_vae import unet_config_to_diffusers, vae_config_to_diffusers
+from ldmkit.cpu import keep_freed_memory
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldmkit.models import onednn
 from ldmkit.models.clip import CLIPTextConfig, CLIPTextModel, text_config_to_transformers
@@ -104,6 +104,11 @@ L16G = "ldmkit bf16 CL PyTorch GN"
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
+MALLOC_POLICIES = {  # --malloc: which variants run with glibc keeping freed large blocks, as the report says it
+    "ldmkit": "for ldmkit's inference variants (as load_pipeline sets it), not for diffusers' or training",
+    "all": "for every variant",
+    "none": "for no variant",
+}
 
 
 # -- sizes --------------------------------------------------------------------------------------
@@ -169,16 +174,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep freed memory (mallopt
-    M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB) instead of mmap'ing each large tensor afresh,
-    which page-faults on first touch. False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
+TRAINING = "U-Net training step"  # the one workload whose ldmkit variants do not run through load_pipeline
+
+
+def keeps_freed_memory(variant: str, workload: str, policy: str) -> bool:
+    """Whether `variant` runs with glibc keeping freed large blocks (`ldmkit.cpu.keep_freed_memory`):
+    --malloc ldmkit (the default) gives it to ldmkit's inference variants, as load_pipeline does in a
+    user's process, and leaves diffusers (and training) with glibc's defaults; all: every variant;
+    none: no variant."""
+    if policy == "all":
+        return True
+    return policy == "ldmkit" and variant.startswith("ldmkit") and workload != TRAINING
 
 
 # -- FLOPs and the matmul peak --------------------------------------------------------------------
@@ -236,16 +242,17 @@ class Timing:
         return statistics.median(self.times) if self.times else math.nan
 
 
-def time_variants(variants: dict[str, Callable[[], object]], runs: int, warmup: int, label: str,
+def time_variants(variants: dict[str, Callable[[], object]], runs: int, warmup: int, label: str, malloc: str,
                   warm_once: tuple[str, ...] = ()) -> dict[str, Timing]:
     """Time each variant `runs` times after `warmup` untimed calls (at least one for the names in
     `warm_once`), alternating variants (and reversing their order every other round) so that a
     drift in machine speed is shared between them. A variant that raises is dropped with its error
-    recorded, so one broken variant does not end a long run."""
+    recorded, so one broken variant does not end a long run. `malloc`: see keeps_freed_memory."""
     results = {name: Timing() for name in variants}
     live = dict(variants)
 
     def call(name: str) -> tuple[object, float] | None:
+        keep_freed_memory(keeps_freed_memory(name, label, malloc))
         t0 = time.perf_counter()
         try:
             out = live[name]()
@@ -267,6 +274,7 @@ def time_variants(variants: dict[str, Callable[[], object]], runs: int, warmup: 
             names = list(live) if r % 2 == 0 else list(reversed(live))
             for name in names:
                 gc.collect()
+                keep_freed_memory(keeps_freed_memory(name, label, malloc))  # before `before`: leaving it trims
                 before = rss()
                 reset_peak()
                 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -568,10 +576,10 @@ sys.exit(rc)
 """
 
 
-def cli_run(m: Models, sizes: Sizes, steps: int, runs: int) -> tuple[list[list[str]], list[str]]:
+def cli_run(m: Models, sizes: Sizes, steps: int, runs: int, malloc: str) -> tuple[list[list[str]], list[str]]:
     """`ldmkit generate` as a user runs it, in a fresh process, on the random-weight models saved as
     a diffusers folder in bf16: seconds from start to PNG (loading included) and that process's
-    peak RSS. Returns table rows and notes."""
+    peak RSS (with --malloc none, LDMKIT_KEEP_FREED_MEMORY=0). Returns table rows and notes."""
     import subprocess
 
     from ldmkit.checkpoints.loading import Components, save_diffusers
@@ -588,7 +596,8 @@ def cli_run(m: Models, sizes: Sizes, steps: int, runs: int) -> tuple[list[list[s
                 "--out", str(Path(tmp) / "out.png")]
         for r in range(runs):
             proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                                  env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                       "LDMKIT_KEEP_FREED_MEMORY": "0" if malloc == "none" else "1"})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
             if proc.returncode != 0 or line is None:
                 notes.append(f"ldmkit generate failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")
@@ -659,7 +668,7 @@ def training_workload(sizes: Sizes, folder: Path) -> Workload:
             call_ours(flop_model, x).square().mean().backward()
 
     what = f"batch {batch}, {ucfg.in_channels}x{side}x{side} latents, forward + backward + AdamW"
-    return Workload("U-Net training step", what, variants, count_flops(fwd_bwd))
+    return Workload(TRAINING, what, variants, count_flops(fwd_bwd))
 
 
 def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: int) -> float:
@@ -931,7 +940,8 @@ def environment(args) -> list[str]:
         f"- mode: {'SMOKE (tiny models: code paths only, the numbers mean nothing)' if args.smoke else 'SD 1.5 shapes, random weights'}",
         f"- CPU: {cpu}; native bf16 (AVX512-BF16/AMX): {'yes' if cpu_has_native_bf16() else 'no (bf16 is emulated)'}",
         f"- threads: {torch.get_num_threads()} (torch.set_num_threads); os.cpu_count() = {os.cpu_count()}",
-        f"- glibc malloc tuned to keep freed memory (--mallopt): {'yes' if args.mallopt_applied else 'no'}",
+        f"- glibc malloc keeps freed large blocks (--malloc {args.malloc}): "
+        f"{MALLOC_POLICIES[args.malloc] if platform.libc_ver()[0] == 'glibc' else 'no: the C library is not glibc'}",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
         f"- runs: median of {args.runs} after {args.warmup} warm-up call(s) per variant; pipelines: "
         f"{args.pipeline_runs} run(s), no warm-up",
@@ -965,8 +975,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes-model", type=Path, default=BUNDLED_MODEL,
                    help="the shapes model folder (default: the bundled one, skipped when absent)")
     p.add_argument("--skip-compat", action="store_true", help="leave out the tiny bf16/channels_last checks")
-    p.add_argument("--mallopt", action="store_true",
-                   help="tune glibc malloc to reuse freed large blocks (fewer page faults) for the whole run")
+    p.add_argument("--malloc", choices=tuple(MALLOC_POLICIES), default="ldmkit",
+                   help="which variants run with glibc keeping freed large blocks (fewer page faults): "
+                        "ldmkit's inference variants, as load_pipeline sets it (default), all, or none")
     p.add_argument("--compile", action="store_true", help="add ldmkit bf16 channels_last under torch.compile")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for --compile (default inductor; 'eager' checks the wiring fast)")
@@ -1025,7 +1036,6 @@ def render(head: list[str], done: list[Workload], peaks: dict, checks: list[Chec
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.mallopt_applied = keep_freed_memory() if args.mallopt else False
     sizes = sizes_for(args.smoke)
     started = time.perf_counter()
     head: list[str] = [f"# ldmkit speed benchmark{' (smoke)' if args.smoke else ''}", "", *environment(args), ""]
@@ -1053,7 +1063,7 @@ def main(argv=None) -> int:
     workloads["text encode"] = text_workload(m, ids)
     for wl in workloads.values():
         log(f"{wl.name}: {wl.what}; {wl.flops / 1e9:.2f} GFLOP")
-        wl.timings = time_variants(wl.variants, args.runs, args.warmup, wl.name)
+        wl.timings = time_variants(wl.variants, args.runs, args.warmup, wl.name, args.malloc)
 
     checks = quality_checks(workloads)
     notes: list[str] = []
@@ -1081,7 +1091,7 @@ def main(argv=None) -> int:
                     f"{expected_pipeline_seconds(workloads, steps, args.pipeline_runs):.0f} s in all "
                     "(from the component timings)")
                 # compiled U-Nets recompile for the pipeline's NCHW inputs: one untimed run first
-                pw.timings = time_variants(pw.variants, args.pipeline_runs, 0, pw.name, warm_once=(LCO,))
+                pw.timings = time_variants(pw.variants, args.pipeline_runs, 0, pw.name, args.malloc, warm_once=(LCO,))
                 checks += image_checks(pw)
                 done.append(pw)
         except Exception as e:  # noqa: BLE001 - keep what was measured
@@ -1091,7 +1101,7 @@ def main(argv=None) -> int:
 
     if not args.skip_cli:
         log("ldmkit generate in a fresh process (bf16, loading included) ...")
-        cli_rows, cli_notes = cli_run(m, sizes, sizes.pipeline_steps or args.steps, args.pipeline_runs)
+        cli_rows, cli_notes = cli_run(m, sizes, sizes.pipeline_steps or args.steps, args.pipeline_runs, args.malloc)
         notes += cli_notes
         save(partial=True)
 
@@ -1102,7 +1112,7 @@ def main(argv=None) -> int:
                                                   args.compile_backend if args.compile else None)
                 notes += list(shape_notes.values())
                 log(f"{sw.name}: {sw.what}; {sw.flops / 1e9:.2f} GFLOP")
-                sw.timings = time_variants(sw.variants, args.runs, args.warmup, sw.name)
+                sw.timings = time_variants(sw.variants, args.runs, args.warmup, sw.name, args.malloc)
                 checks += image_checks(sw)
                 ours = [t.median for name, t in sw.timings.items() if name.startswith("ldmkit") and t.times]
                 if ours:
@@ -1119,7 +1129,7 @@ def main(argv=None) -> int:
         try:
             tw = training_workload(sizes, args.shapes_model)
             log(f"{tw.name}: {tw.what}; {tw.flops / 1e9:.2f} GFLOP")
-            tw.timings = time_variants(tw.variants, args.runs, args.warmup, tw.name)
+            tw.timings = time_variants(tw.variants, args.runs, args.warmup, tw.name, args.malloc)
             batch = sizes.train_batch
             notes += [f"U-Net training step, {name}: {batch / t.median:.0f} images/s" for name, t in tw.timings.items()
                       if t.times]

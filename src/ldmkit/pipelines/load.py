@@ -12,7 +12,10 @@ layers and GEGLUs are instead prepacked for oneDNN (`ldmkit.models.onednn`: weig
 once instead of every step, GEGLU as two GEMMs with fused post-ops) where the CPU has AMX: there
 prepacking made the SD 1.5 U-Net step 22% faster, while on an AVX512-BF16 CPU without AMX (AMD
 Zen 5) its convolutions took twice as long as channels_last ones. Our kernels (`ldmkit.kernels`)
-are built here rather than in the first sampling step. Measured in bench/RESULTS.md.
+are built here rather than in the first sampling step. On the CPU glibc's malloc is told to keep
+freed large blocks (`cpu.keep_freed_memory`; LDMKIT_KEEP_FREED_MEMORY=0 leaves it as it is): each
+step and decode then reuses the memory of the last instead of page-faulting in fresh mappings.
+Measured in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -29,7 +33,7 @@ from .. import kernels
 from ..cache import user_cache_dir
 from ..checkpoints.io import write_text_atomic
 from ..checkpoints.loading import SINGLE_FILE_SUFFIXES, load_pipeline_components
-from ..cpu import cpu_flags
+from ..cpu import cpu_flags, keep_freed_memory
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import InvalidArgument, LdmkitError, check_choice
 from ..models import onednn
@@ -204,5 +208,7 @@ def load_pipeline(
             comps.unet.to(memory_format=torch.channels_last)
         kernels.attention_kernel()  # build our kernels now, not in the first step
         kernels.group_norm_kernel_available()
+    if target.type == "cpu" and os.environ.get("LDMKIT_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()  # after loading, whose transient copies go back to the system
     return StableDiffusion(comps.unet, comps.vae, comps.text_encoder, comps.tokenizer,
                            NoiseSchedule(comps.schedule_config), default_cfg_scale=recommended_cfg_scale(path))
