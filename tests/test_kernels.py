@@ -1,21 +1,23 @@
 """`ldmkit.kernels`: the flash-attention kernel (its products on AMX tiles or as AVX512-BF16 dot
 products, each tested where the CPU has it) gives PyTorch's attention, and the GroupNorm
-kernel PyTorch's GroupNorm (with the shift before and SiLU after), to bf16 accuracy at every size
-they take; both hand everything else to PyTorch unchanged, and are what the U-Net and the VAE run
-on in bf16 inference."""
+kernel PyTorch's GroupNorm (with the shift before and SiLU after), and the LayerNorm kernel
+PyTorch's LayerNorm, to bf16 accuracy at every size they take; they hand everything else to
+PyTorch unchanged, and are what the U-Net and the VAE run on in bf16 inference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldmkit import kernels
-from ldmkit.models.layers import Attention, ResnetBlock
+from ldmkit.models.layers import Attention, BasicTransformerBlock, ResnetBlock
 
 attention_kernel = pytest.mark.skipif(not kernels.attention_kernel(), reason="no AVX512-BF16, g++ or Linux here")
 # the product paths this CPU runs: amx=True takes AMX tiles where they are, amx=False never
 PATHS = [pytest.param(False, id="avx512_bf16")] + ([pytest.param(True, id="amx")]
                                                    if kernels.attention_kernel() == "amx" else [])
 norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reason="no AVX-512 BF16, g++ or Linux here")
+layer_norm_kernel = pytest.mark.skipif(not kernels.layer_norm_kernel_available(),
+                                       reason="no AVX-512 BF16, g++ or Linux here")
 
 
 def heads(batch: int, tokens: int, nh: int, width: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -234,4 +236,88 @@ def test_resnet_block_runs_on_the_group_norm_kernel():
             kernels.set_group_norm_kernel(previous)
         assert len(pytorch_calls) == 2  # the switch off: PyTorch ran both norms
         ref = ResnetBlock.forward(block.float(), x.float(), temb.float())
+    assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3
+
+
+def random_layer_norm(width: int, seed: int = 0) -> torch.nn.LayerNorm:
+    torch.manual_seed(seed)
+    norm = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+        norm.bias.normal_()
+    return norm
+
+
+@layer_norm_kernel
+@pytest.mark.parametrize("shape", [
+    (2, 4096, 320),  # SD 1.5's first level
+    (2, 256, 1280),  # its third
+    (3, 77, 768),  # CLIP's text tokens
+    (5, 7, 33),  # ragged: a width not a multiple of 16
+])
+def test_layer_norm_kernel_matches_pytorch(shape):
+    x = feature_map(shape, False, mean=5.0)  # a mean well above the spread: no cancellation
+    norm = random_layer_norm(shape[-1])
+    with torch.no_grad():
+        ref = norm(x.float())
+        norm.bfloat16()
+        pytorch_calls = count_module_calls(norm)
+        ours = kernels.layer_norm(x, norm)
+        assert not pytorch_calls
+        previous = kernels.set_layer_norm_kernel(False)
+        try:
+            theirs = kernels.layer_norm(x, norm)  # PyTorch's bf16 module
+        finally:
+            kernels.set_layer_norm_kernel(previous)
+        assert pytorch_calls
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)
+
+
+@layer_norm_kernel
+def test_layer_norm_kernel_keeps_a_tiny_spread_under_a_large_mean():
+    """The variance is taken around the mean: a spread of 0.7 under a mean of 100 (bf16's steps
+    there are 0.5) is normalised as float32 does it."""
+    g = torch.Generator().manual_seed(0)
+    x = (100 + torch.randint(-2, 3, (4, 320), generator=g) * 0.5).bfloat16()
+    norm = random_layer_norm(320)
+    with torch.no_grad():
+        ref = norm(x.float())
+        ours = kernels.layer_norm(x, norm.bfloat16())
+    assert rel_err(ours, ref) < 3e-3
+
+
+@pytest.mark.parametrize("case", ["fp32", "grad", "strided", "2-D shape"])
+def test_layer_norm_leaves_other_work_to_pytorch(case):
+    x, norm = feature_map((2, 8, 32), False), random_layer_norm(32).bfloat16()
+    if case == "fp32":
+        x, norm = x.float(), norm.float()
+    elif case == "grad":
+        x = x.float().requires_grad_().bfloat16()
+    elif case == "strided":
+        x = feature_map((2, 8, 64), False)[..., ::2]
+    else:
+        norm = torch.nn.LayerNorm((8, 32)).bfloat16()
+    pytorch_calls = count_module_calls(norm)
+    assert torch.equal(kernels.layer_norm(x, norm), norm(x))
+    assert len(pytorch_calls) == 2
+
+
+@layer_norm_kernel
+def test_transformer_block_runs_on_the_layer_norm_kernel():
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, heads=2, head_dim=32, context_dim=48).bfloat16().eval()
+    x = feature_map((2, 100, 64), False)
+    context = torch.randn(2, 7, 48).bfloat16()
+    pytorch_calls = count_module_calls(block.norm1, block.norm2, block.norm3)
+    with torch.no_grad():
+        ours = block(x, context)
+        assert not pytorch_calls
+        previous = kernels.set_layer_norm_kernel(False)
+        try:
+            theirs = block(x, context)
+        finally:
+            kernels.set_layer_norm_kernel(previous)
+        assert len(pytorch_calls) == 3  # the switch off: PyTorch ran the three norms
+        ref = BasicTransformerBlock.forward(block.float(), x.float(), context.float())
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3

@@ -4,12 +4,14 @@
   runs bf16 inference through `attention.cpp` when it can: its products on Intel AMX tiles where
   the CPU has them, else as AVX512-BF16 dot products (AMD Zen 4 and 5, Intel Cooper Lake);
 - `group_norm(x, norm, silu, shift)` is `norm(x + shift)`, then SiLU, in one pass over a bf16
-  feature map on AVX-512 through `group_norm.cpp` when it can.
+  feature map on AVX-512 through `group_norm.cpp` when it can;
+- `layer_norm(x, norm)` is `norm(x)` for an `nn.LayerNorm` over the last dimension, one read of
+  each bf16 row on AVX-512 through `layer_norm.cpp` when it can.
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
 of the file); without g++, the CPU features or Linux, or with LDMKIT_ATTENTION_KERNEL=0 or
-LDMKIT_GROUP_NORM_KERNEL=0 in the environment, its calls go to PyTorch.
+LDMKIT_GROUP_NORM_KERNEL=0 or LDMKIT_LAYER_NORM_KERNEL=0 in the environment, its calls go to PyTorch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "
 NEEDS = {  # /proc/cpuinfo flags each kernel needs
     "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+    "layer_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
 }
 AMX_FLAGS = {"amx_tile", "amx_bf16"}  # where the attention kernel's products run on AMX tiles
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
@@ -43,7 +46,8 @@ MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}  # kernel name -> library, or None where it cannot run
 _enabled = {"attention": os.environ.get("LDMKIT_ATTENTION_KERNEL", "1") != "0",
-            "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0"}
+            "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0",
+            "layer_norm": os.environ.get("LDMKIT_LAYER_NORM_KERNEL", "1") != "0"}
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
 _amx = False  # whether the attention kernel may use AMX tiles (the CPU has them and Linux granted them)
 
@@ -93,6 +97,10 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_attention.restype = ctypes.c_int
         lib.ldm_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
                                       + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    elif name == "layer_norm":
+        lib.ldm_layer_norm.restype = ctypes.c_int
+        lib.ldm_layer_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
+                                       + [ctypes.c_float, ctypes.c_int])
     else:
         lib.ldm_group_norm.restype = ctypes.c_int
         lib.ldm_group_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_long]
@@ -113,6 +121,11 @@ def group_norm_kernel_available() -> bool:
     return _load("group_norm") is not None
 
 
+def layer_norm_kernel_available() -> bool:
+    """Whether `layer_norm` can use our kernel in this process."""
+    return _load("layer_norm") is not None
+
+
 def set_attention_kernel(enabled: bool) -> bool:
     """Let `attention` use our kernel (where it can) or not; returns the previous setting.
     The benchmark times both; LDMKIT_ATTENTION_KERNEL=0 sets it off at start-up."""
@@ -124,6 +137,13 @@ def set_group_norm_kernel(enabled: bool) -> bool:
     """Let `group_norm` use our kernel (where it can) or not; returns the previous setting.
     LDMKIT_GROUP_NORM_KERNEL=0 sets it off at start-up."""
     previous, _enabled["group_norm"] = _enabled["group_norm"], enabled
+    return previous
+
+
+def set_layer_norm_kernel(enabled: bool) -> bool:
+    """Let `layer_norm` use our kernel (where it can) or not; returns the previous setting.
+    LDMKIT_LAYER_NORM_KERNEL=0 sets it off at start-up."""
+    previous, _enabled["layer_norm"] = _enabled["layer_norm"], enabled
     return previous
 
 
@@ -168,7 +188,7 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False, shift: t
     b, c, h, w = x.shape
     nhwc = not x.is_contiguous()  # then channels_last (_norm_eligible)
     out = torch.empty_like(x)
-    weight, bias = _float_affine(norm)
+    weight, bias = _float_affine(norm, norm.num_channels)
     shift = None if shift is None else shift.detach().float().contiguous()
     status = lib.ldm_group_norm(x.data_ptr(), out.data_ptr(), b, c, h * w, int(nhwc), norm.num_groups,
                                 None if shift is None else shift.data_ptr(), weight.data_ptr(), bias.data_ptr(),
@@ -178,7 +198,29 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False, shift: t
     return out
 
 
-def _float_affine(norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """norm(x) for a LayerNorm over x's last dimension. bf16 inference on a contiguous x runs as
+    one pass of our kernel; everything else (float32, autograd, CUDA) as PyTorch's module."""
+    lib = _load("layer_norm") if _enabled["layer_norm"] and _layer_norm_eligible(x, norm) else None
+    if lib is None:
+        return norm(x)
+    out = torch.empty_like(x)
+    width = x.shape[-1]
+    weight, bias = _float_affine(norm, width)
+    status = lib.ldm_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // width, width, weight.data_ptr(),
+                                bias.data_ptr(), norm.eps, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"layer_norm refused x {tuple(x.shape)}")
+    return out
+
+
+def _layer_norm_eligible(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.ndim >= 1 and x.numel() > 0
+            and x.is_contiguous() and tuple(norm.normalized_shape) == (x.shape[-1],)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters()))))
+
+
+def _float_affine(norm: nn.GroupNorm | nn.LayerNorm, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The norm's scale and offset as contiguous float32, as the kernel reads them; cached on the
     module (a sampler calls each norm dozens of times) until its weights change or move. Inference
     tensors keep no version counter, so for them nothing is cached."""
@@ -190,9 +232,8 @@ def _float_affine(norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     if (key is not None and cached is not None and len(cached[0]) == len(key)
             and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached[0], key))):
         return cached[1], cached[2]
-    c = norm.num_channels
-    weight = torch.ones(c) if norm.weight is None else norm.weight.detach().float().contiguous()
-    bias = torch.zeros(c) if norm.bias is None else norm.bias.detach().float().contiguous()
+    weight = torch.ones(channels) if norm.weight is None else norm.weight.detach().float().contiguous()
+    bias = torch.zeros(channels) if norm.bias is None else norm.bias.detach().float().contiguous()
     if cacheable:
         norm._ldm_float_affine = (key, weight, bias)
     return weight, bias

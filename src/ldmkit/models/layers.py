@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import attention, group_norm
+from ..kernels import attention, group_norm, layer_norm
 
 
 def timestep_embedding(
@@ -214,9 +214,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x), residual=x)  # (B, N, C)
-        x = self.attn2(self.norm2(x), context, residual=x)  # (B, N, C)
-        return self.ff(self.norm3(x), residual=x)  # (B, N, C)
+        x = self.attn1(layer_norm(x, self.norm1), residual=x)  # (B, N, C)
+        x = self.attn2(layer_norm(x, self.norm2), context, residual=x)  # (B, N, C)
+        return self.ff(layer_norm(x, self.norm3), residual=x)  # (B, N, C)
 
 
 class SpatialTransformer(nn.Module):
