@@ -1,8 +1,9 @@
 """`ldmkit.kernels`: the flash-attention kernel (its products on AMX tiles or as AVX512-BF16 dot
 products, each tested where the CPU has it) gives PyTorch's attention, and the GroupNorm
-kernel PyTorch's GroupNorm (with the shift before and SiLU after), and the LayerNorm kernel
-PyTorch's LayerNorm, to bf16 accuracy at every size they take; they hand everything else to
-PyTorch unchanged, and are what the U-Net and the VAE run on in bf16 inference."""
+kernel PyTorch's GroupNorm (with the shift before and SiLU after), the LayerNorm kernel
+PyTorch's LayerNorm, and the AMX 3x3 convolution F.conv2d, to bf16 accuracy at every size they
+take; the first three hand everything else to PyTorch unchanged, and all are what the U-Net and
+the VAE run on in bf16 inference."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ attention_kernel = pytest.mark.skipif(not kernels.attention_kernel(), reason="no
 PATHS = [pytest.param(False, id="avx512_bf16")] + ([pytest.param(True, id="amx")]
                                                    if kernels.attention_kernel() == "amx" else [])
 norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reason="no AVX-512 BF16, g++ or Linux here")
+conv_kernel = pytest.mark.skipif(not kernels.conv3x3_kernel_available(), reason="no AMX, g++ or Linux here")
 layer_norm_kernel = pytest.mark.skipif(not kernels.layer_norm_kernel_available(),
                                        reason="no AVX-512 BF16, g++ or Linux here")
 
@@ -321,3 +323,40 @@ def test_transformer_block_runs_on_the_layer_norm_kernel():
         assert len(pytorch_calls) == 3  # the switch off: PyTorch ran the three norms
         ref = BasicTransformerBlock.forward(block.float(), x.float(), context.float())
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3
+
+
+def test_conv3x3_weight_tiles_round_trip():
+    w = torch.randn(64, 96, 3, 3).bfloat16()
+    tiles = kernels.pack_conv3x3_weight(w)
+    assert tiles.shape == (4, 27, 16, 16, 2)
+    # tile (o // 16, k // 32), row (k % 32) // 2, column o % 16, pair k % 2 with k = (dy, dx, c)
+    o, dy, dx, c = 21, 2, 1, 77
+    k = (3 * dy + dx) * 96 + c
+    assert tiles[o // 16, k // 32, (k % 32) // 2, o % 16, k % 2] == w[o, c, dy, dx]
+    assert torch.equal(kernels.unpack_conv3x3_weight(tiles), w)
+
+
+@conv_kernel
+@pytest.mark.parametrize("shape,out_channels", [
+    ((2, 64, 16, 16), 96),  # tiles of whole image rows
+    ((2, 1280, 8, 8), 1280),  # SD 1.5's deepest level: tiles over padded rows, border columns dropped
+    ((1, 32, 5, 7), 64),  # ragged: an odd number of tiles
+    ((1, 32, 40, 40), 32),  # 1,600 rows: several groups of rows per pass over the weights
+    ((3, 32, 16, 64), 64),  # 3,072 rows of whole-row tiles
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv3x3_kernel_matches_pytorch(shape, out_channels, channels_last, with_residual):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], out_channels, 3, padding=1).bfloat16()
+    x = feature_map(shape, channels_last)
+    residual = feature_map((shape[0], out_channels, *shape[2:]), True, seed=1) if with_residual else None
+    with torch.no_grad():
+        ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1)
+        theirs = conv(x)
+        if residual is not None:
+            ref, theirs = ref + residual.float(), theirs + residual
+        ours = kernels.conv3x3(x, kernels.pack_conv3x3_weight(conv.weight), conv.bias.float(), residual)
+    assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)  # one bf16 rounding: 1.7e-3

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ldmkit import kernels
 from ldmkit.models import onednn
 from ldmkit.models.layers import GEGLU
 from ldmkit.models.unet import UNet, unet_preset
@@ -51,6 +52,29 @@ def test_packed_unet_matches_the_plain_one(dtype, tol, shape):
     assert rel_err(out, ref) < tol and rel_err(cl_out, ref) < tol
     if dtype == torch.bfloat16:
         assert rel_err(out, plain.float()(x.float(), t, ctx.float())) < tol  # and the float32 result
+
+
+@pytest.mark.skipif(not kernels.conv3x3_kernel_available(), reason="no AMX, g++ or Linux here")
+def test_prepack_gives_wide_3x3_convolutions_to_the_amx_kernel(monkeypatch):
+    """The tiny U-Net's convolutions are narrow: with the threshold lowered, its bf16 3x3 ones (and
+    only those) run on kernels.conv3x3, with the plain model's outputs and input gradients."""
+    monkeypatch.setattr(onednn, "AMX_CONV_MIN_CHANNELS", 32)
+    plain = tiny_unet(torch.bfloat16)
+    packed = onednn.prepack(copy.deepcopy(plain))
+    amx = [name for name, m in packed.named_modules() if isinstance(m, onednn.AmxConv2d)]
+    convs = [name for name, m in plain.named_modules() if isinstance(m, nn.Conv2d)
+             and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.out_channels % 32 == 0 and m.in_channels % 32 == 0]
+    assert amx == convs and amx
+    x, t, ctx = unet_inputs(2, 16, 16, torch.bfloat16)
+    with torch.no_grad():
+        ref, out = plain(x, t, ctx), packed(x, t, ctx)
+    assert rel_err(out, ref) < 2e-2
+    grads = []
+    for model in (plain, packed):
+        x_in = x.clone().requires_grad_(True)
+        (model(x_in, t, ctx).float() ** 2).sum().backward()
+        grads.append(x_in.grad)
+    assert rel_err(grads[1], grads[0]) < 2e-2
 
 
 def test_gradients_flow_through_packed_layers_to_the_input():

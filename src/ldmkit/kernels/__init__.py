@@ -6,12 +6,16 @@
 - `group_norm(x, norm, silu, shift)` is `norm(x + shift)`, then SiLU, in one pass over a bf16
   feature map on AVX-512 through `group_norm.cpp` when it can;
 - `layer_norm(x, norm)` is `norm(x)` for an `nn.LayerNorm` over the last dimension, one read of
-  each bf16 row on AVX-512 through `layer_norm.cpp` when it can.
+  each bf16 row on AVX-512 through `layer_norm.cpp` when it can;
+- `conv3x3(x, weight_tiles, bias, residual)` is a 3x3 convolution (stride 1, padding 1) of a bf16
+  feature map plus its bias (and a residual) on AMX tiles through `conv.cpp`, for the weight-heavy
+  convolutions `models.onednn.prepack` hands it (weights packed once by `pack_conv3x3_weight`).
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
 of the file); without g++, the CPU features or Linux, or with LDMKIT_ATTENTION_KERNEL=0 or
-LDMKIT_GROUP_NORM_KERNEL=0 or LDMKIT_LAYER_NORM_KERNEL=0 in the environment, its calls go to PyTorch.
+LDMKIT_GROUP_NORM_KERNEL=0 or LDMKIT_LAYER_NORM_KERNEL=0 in the environment, its calls go to PyTorch
+(and with LDMKIT_CONV_KERNEL=0 `prepack` leaves every convolution to oneDNN).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ NEEDS = {  # /proc/cpuinfo flags each kernel needs
     "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "layer_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+    "conv": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"},
 }
 AMX_FLAGS = {"amx_tile", "amx_bf16"}  # where the attention kernel's products run on AMX tiles
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
@@ -47,7 +52,8 @@ _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}  # kernel name -> library, or None where it cannot run
 _enabled = {"attention": os.environ.get("LDMKIT_ATTENTION_KERNEL", "1") != "0",
             "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0",
-            "layer_norm": os.environ.get("LDMKIT_LAYER_NORM_KERNEL", "1") != "0"}
+            "layer_norm": os.environ.get("LDMKIT_LAYER_NORM_KERNEL", "1") != "0",
+            "conv": os.environ.get("LDMKIT_CONV_KERNEL", "1") != "0"}
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
 _amx = False  # whether the attention kernel may use AMX tiles (the CPU has them and Linux granted them)
 
@@ -97,6 +103,14 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_attention.restype = ctypes.c_int
         lib.ldm_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
                                       + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    elif name == "conv":
+        if lib.ldm_amx_init() != 0:  # Linux refused the tile state
+            return None
+        lib.ldm_conv3x3_scratch.restype = ctypes.c_long
+        lib.ldm_conv3x3_scratch.argtypes = [ctypes.c_int] * 4
+        lib.ldm_conv3x3.restype = ctypes.c_int
+        lib.ldm_conv3x3.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+                                    + [ctypes.c_void_p] * 4 + [ctypes.c_int])
     elif name == "layer_norm":
         lib.ldm_layer_norm.restype = ctypes.c_int
         lib.ldm_layer_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -124,6 +138,11 @@ def group_norm_kernel_available() -> bool:
 def layer_norm_kernel_available() -> bool:
     """Whether `layer_norm` can use our kernel in this process."""
     return _load("layer_norm") is not None
+
+
+def conv3x3_kernel_available() -> bool:
+    """Whether `conv3x3` can run here (AMX, g++, Linux) and LDMKIT_CONV_KERNEL is not 0."""
+    return _enabled["conv"] and _load("conv") is not None
 
 
 def set_attention_kernel(enabled: bool) -> bool:
@@ -218,6 +237,43 @@ def _layer_norm_eligible(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.ndim >= 1 and x.numel() > 0
             and x.is_contiguous() and tuple(norm.normalized_shape) == (x.shape[-1],)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters()))))
+
+
+def pack_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, 3, 3) weights as `conv3x3` reads them, bf16 AMX B tiles: (O/16, 9C/32, 16, 16, 2), the
+    reduction over (dy, dx, c) in pairs, 16 output channels per tile row. O and C multiples of 32."""
+    o, c = weight.shape[:2]
+    rows = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, 9 * c)  # (O, K), K = (dy, dx, c)
+    return rows.view(o // 16, 16, 9 * c // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def unpack_conv3x3_weight(tiles: torch.Tensor) -> torch.Tensor:
+    """The (O, C, 3, 3) weights of `pack_conv3x3_weight`'s tiles."""
+    o, k = tiles.shape[0] * 16, tiles.shape[1] * 32
+    rows = tiles.permute(0, 3, 1, 2, 4).reshape(o, k)
+    return rows.view(o, 3, 3, k // 9).permute(0, 3, 1, 2)
+
+
+def conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) (+ residual) for bf16 x (B, C, H, W) and the weight's
+    `pack_conv3x3_weight` tiles, bias float32 (O,), residual (B, O, H, W); the result channels_last.
+    Inference only, where `conv3x3_kernel_available()`."""
+    lib = _load("conv")
+    b, c, h, w = x.shape
+    o = tiles.shape[0] * 16
+    if lib is None or x.dtype != torch.bfloat16 or c != tiles.shape[1] * 32 // 9:
+        raise RuntimeError(f"conv3x3 cannot run {x.dtype} x {tuple(x.shape)} against {o}x{c}x3x3 tiles here")
+    x = x.contiguous(memory_format=torch.channels_last)  # NHWC memory: the kernel's layout
+    if residual is not None:
+        residual = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(b, o, h, w, dtype=x.dtype, memory_format=torch.channels_last)
+    scratch = x.new_empty(lib.ldm_conv3x3_scratch(b, h, w, c))  # the padded input
+    status = lib.ldm_conv3x3(x.data_ptr(), b, h, w, c, tiles.data_ptr(), o, bias.data_ptr(),
+                             None if residual is None else residual.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                             torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"the conv3x3 kernel refused x {tuple(x.shape)} with {o} output channels")
+    return out
 
 
 def _float_affine(norm: nn.GroupNorm | nn.LayerNorm, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

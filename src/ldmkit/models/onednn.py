@@ -5,7 +5,10 @@ oneDNN reorders it into its blocked layout on every call: for the SD 1.5 U-Net t
 bf16 weights read and rewritten per step, most of it from main memory. `prepack(model)` does that
 reorder once, and replaces in place
 
-- every `nn.Conv2d` (zero padding) by `PackedConv2d`,
+- every `nn.Conv2d` (zero padding) by `PackedConv2d`, except the weight-heavy 3x3 ones (stride 1,
+  at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
+  our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
+  16x16 and 8x8 in 0.6-0.75 of oneDNN's time,
 - every `nn.Linear` by `PackedLinear`,
 - every GEGLU feed-forward projection by `PackedGEGLU`: the gate and value halves as two GEMMs,
   GELU fused into the gate's and the product into the value's (oneDNN post-ops), instead of one
@@ -31,9 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .layers import GEGLU
 
 _MKLDNN = torch.ops.mkldnn
+# Output channels from which a 3x3 convolution goes to `AmxConv2d`. In the SD 1.5 U-Net step (512x512,
+# batch 2) it beat oneDNN on every 1280-channel convolution (16x16: 6.1 against 11.3 ms, 8x8: 3.0
+# against 4.8) but for the 2560-channel input at 16x16, whose input no longer fits in L2 (20.7
+# against 19.6); at 64x64 with 320 channels oneDNN was faster (4.8 against 4.6 ms).
+AMX_CONV_MIN_CHANNELS = 1024
 
 
 def available() -> bool:
@@ -73,6 +82,36 @@ class PackedConv2d(nn.Module):
         residual = residual.contiguous(memory_format=torch.channels_last)  # the output's layout, whatever x's
         return _MKLDNN._convolution_pointwise.binary(x, residual, self.packed, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups, "add", None, None, [], None)
+
+
+class AmxConv2d(nn.Module):
+    """A frozen 3x3 convolution (stride 1, zero padding 1) on our AMX kernel, `kernels.conv3x3`,
+    its weight in the kernel's tiles (output channels_last)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.tiles = kernels.pack_conv3x3_weight(conv.weight)
+        bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+        self.bias = bias.to(conv.weight.dtype)  # the layer's own precision, for the differentiable path
+        self.bias32 = bias.float().contiguous()  # what the kernel adds
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _needs_grad(x):
+            return F.conv2d(x, kernels.unpack_conv3x3_weight(self.tiles), self.bias, padding=1)
+        return kernels.conv3x3(x, self.tiles, self.bias32)
+
+    def forward_plus(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + self(x), the sum fused into the convolution's output."""
+        if _needs_grad(x) or _needs_grad(residual):
+            return residual + self(x)
+        return kernels.conv3x3(x, self.tiles, self.bias32, residual)
+
+
+def _amx_conv_takes(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.weight.dtype == torch.bfloat16
+            and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0
+            and conv.out_channels >= AMX_CONV_MIN_CHANNELS and kernels.conv3x3_kernel_available())
 
 
 class PackedLinear(nn.Module):
@@ -119,7 +158,7 @@ def _packed(module: nn.Module) -> nn.Module | None:
     if isinstance(module, GEGLU):
         return PackedGEGLU(module)
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return PackedConv2d(module)
+        return AmxConv2d(module) if _amx_conv_takes(module) else PackedConv2d(module)
     if type(module) is nn.Linear:
         return PackedLinear(module.weight, module.bias)
     return None
