@@ -17,7 +17,7 @@ attention_kernel = pytest.mark.skipif(not kernels.attention_kernel(), reason="no
 PATHS = [pytest.param(False, id="avx512_bf16")] + ([pytest.param(True, id="amx")]
                                                    if kernels.attention_kernel() == "amx" else [])
 norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reason="no AVX-512 BF16, g++ or Linux here")
-conv_kernel = pytest.mark.skipif(not kernels.conv3x3_kernel_available(), reason="no AMX, g++ or Linux here")
+conv_kernel = pytest.mark.skipif(not kernels.conv_kernel_available(), reason="no AMX, g++ or Linux here")
 layer_norm_kernel = pytest.mark.skipif(not kernels.layer_norm_kernel_available(),
                                        reason="no AVX-512 BF16, g++ or Linux here")
 
@@ -328,7 +328,7 @@ def test_transformer_block_runs_on_the_layer_norm_kernel():
 def test_conv3x3_weight_tiles_round_trip():
     w = torch.randn(64, 96, 3, 3).bfloat16()
     tiles = kernels.pack_conv3x3_weight(w)
-    assert tiles.shape == (4, 27, 16, 16, 2)
+    assert tiles.shape == (4, 27, 16, 16, 2)  # (O/16, 9C/32, pairs, output channels, pair)
     # tile (o // 16, k // 32), row (k % 32) // 2, column o % 16, pair k % 2 with k = (dy, dx, c)
     o, dy, dx, c = 21, 2, 1, 77
     k = (3 * dy + dx) * 96 + c
@@ -338,10 +338,11 @@ def test_conv3x3_weight_tiles_round_trip():
 
 @conv_kernel
 @pytest.mark.parametrize("shape,out_channels", [
-    ((2, 64, 16, 16), 96),  # tiles of whole image rows
+    ((2, 64, 16, 16), 128),  # tiles of whole image rows
     ((2, 1280, 8, 8), 1280),  # SD 1.5's deepest level: tiles over padded rows, border columns dropped
-    ((1, 32, 5, 7), 64),  # ragged: an odd number of tiles
-    ((1, 32, 40, 40), 32),  # 1,600 rows: several groups of rows per pass over the weights
+    ((2, 2560, 16, 16), 1280),  # its widest input: more than fits in L2
+    ((1, 32, 5, 7), 64),  # ragged: one image row and a part in a tile, the last tile partly past the image
+    ((1, 32, 40, 40), 64),  # 1,600 rows: several groups of rows per pass over the weights
     ((3, 32, 16, 64), 64),  # 3,072 rows of whole-row tiles
 ])
 @pytest.mark.parametrize("channels_last", [False, True])

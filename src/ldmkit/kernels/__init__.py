@@ -7,7 +7,7 @@
   feature map on AVX-512 through `group_norm.cpp` when it can;
 - `layer_norm(x, norm)` is `norm(x)` for an `nn.LayerNorm` over the last dimension, one read of
   each bf16 row on AVX-512 through `layer_norm.cpp` when it can;
-- `conv3x3(x, weight_tiles, bias, residual)` is a 3x3 convolution (stride 1, padding 1) of a bf16
+- `conv3x3(x, tiles, bias, residual)` is a 3x3 convolution (stride 1, padding 1) of a bf16
   feature map plus its bias (and a residual) on AMX tiles through `conv.cpp`, for the weight-heavy
   convolutions `models.onednn.prepack` hands it (weights packed once by `pack_conv3x3_weight`).
 
@@ -140,7 +140,7 @@ def layer_norm_kernel_available() -> bool:
     return _load("layer_norm") is not None
 
 
-def conv3x3_kernel_available() -> bool:
+def conv_kernel_available() -> bool:
     """Whether `conv3x3` can run here (AMX, g++, Linux) and LDMKIT_CONV_KERNEL is not 0."""
     return _enabled["conv"] and _load("conv") is not None
 
@@ -240,28 +240,28 @@ def _layer_norm_eligible(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
 
 
 def pack_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, C, 3, 3) weights as `conv3x3` reads them, bf16 AMX B tiles: (O/16, 9C/32, 16, 16, 2), the
-    reduction over (dy, dx, c) in pairs, 16 output channels per tile row. O and C multiples of 32."""
+    """(O, C, 3, 3) weights as `conv3x3` reads them: (O, 9C) with the reduction over (dy, dx, c), in
+    bf16 AMX B tiles (O/16, 9C/32, 16, 16, 2): the reduction in pairs, 16 output channels per tile
+    row. C a multiple of 32, O of 64."""
     o, c = weight.shape[:2]
-    rows = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, 9 * c)  # (O, K), K = (dy, dx, c)
+    rows = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, 9 * c)
     return rows.view(o // 16, 16, 9 * c // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def unpack_conv3x3_weight(tiles: torch.Tensor) -> torch.Tensor:
     """The (O, C, 3, 3) weights of `pack_conv3x3_weight`'s tiles."""
     o, k = tiles.shape[0] * 16, tiles.shape[1] * 32
-    rows = tiles.permute(0, 3, 1, 2, 4).reshape(o, k)
-    return rows.view(o, 3, 3, k // 9).permute(0, 3, 1, 2)
+    return tiles.permute(0, 3, 1, 2, 4).reshape(o, 3, 3, k // 9).permute(0, 3, 1, 2)
 
 
 def conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) (+ residual) for bf16 x (B, C, H, W) and the weight's
     `pack_conv3x3_weight` tiles, bias float32 (O,), residual (B, O, H, W); the result channels_last.
-    Inference only, where `conv3x3_kernel_available()`."""
+    Inference only, where `conv_kernel_available()`."""
     lib = _load("conv")
     b, c, h, w = x.shape
     o = tiles.shape[0] * 16
-    if lib is None or x.dtype != torch.bfloat16 or c != tiles.shape[1] * 32 // 9:
+    if lib is None or x.dtype != torch.bfloat16 or 9 * c != tiles.shape[1] * 32:
         raise RuntimeError(f"conv3x3 cannot run {x.dtype} x {tuple(x.shape)} against {o}x{c}x3x3 tiles here")
     x = x.contiguous(memory_format=torch.channels_last)  # NHWC memory: the kernel's layout
     if residual is not None:

@@ -8,7 +8,7 @@ reorder once, and replaces in place
 - every `nn.Conv2d` (zero padding) by `PackedConv2d`, except the weight-heavy 3x3 ones (stride 1,
   at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
   our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
-  16x16 and 8x8 in 0.6-0.75 of oneDNN's time,
+  16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all),
 - every `nn.Linear` by `PackedLinear`,
 - every GEGLU feed-forward projection by `PackedGEGLU`: the gate and value halves as two GEMMs,
   GELU fused into the gate's and the product into the value's (oneDNN post-ops), instead of one
@@ -39,9 +39,11 @@ from .layers import GEGLU
 
 _MKLDNN = torch.ops.mkldnn
 # Output channels from which a 3x3 convolution goes to `AmxConv2d`. In the SD 1.5 U-Net step (512x512,
-# batch 2) it beat oneDNN on every 1280-channel convolution (16x16: 6.1 against 11.3 ms, 8x8: 3.0
-# against 4.8) but for the 2560-channel input at 16x16, whose input no longer fits in L2 (20.7
-# against 19.6); at 64x64 with 320 channels oneDNN was faster (4.8 against 4.6 ms).
+# batch 2; one run each way on a busy machine) it beat oneDNN on the 1280-channel convolutions
+# (16x16: 5.8 against 9.2 ms, 7.7 against 10.8 with the residual; 8x8: 2.6-3.0 against 4.2; 2560
+# input channels at 16x16: 17.1 against 17.8; the 1280-channel upsampler at 32x32: 28.1 against
+# 30.6) and lost to it on the narrower, larger maps (320 channels at 64x64 with the residual: 8.9
+# against 6.8 ms; 640 at 32x32: 7.1 against 6.4).
 AMX_CONV_MIN_CHANNELS = 1024
 
 
@@ -110,8 +112,8 @@ class AmxConv2d(nn.Module):
 def _amx_conv_takes(conv: nn.Conv2d) -> bool:
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.weight.dtype == torch.bfloat16
-            and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0
-            and conv.out_channels >= AMX_CONV_MIN_CHANNELS and kernels.conv3x3_kernel_available())
+            and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0
+            and conv.out_channels >= AMX_CONV_MIN_CHANNELS and kernels.conv_kernel_available())
 
 
 class PackedLinear(nn.Module):
