@@ -36,6 +36,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize("b,h,n,m,d,dv", [
     (2, 8, 1024, 1024, 40, 40),  # SD 1.x's head width; whole key blocks
+    (1, 2, 200, 300, 34, 34),  # widths past 32 narrowed to a tail of 2 (one pair)
+    (1, 2, 130, 260, 50, 20),  # a tail of 18 with a narrow value
+    (1, 2, 130, 260, 40, 50),  # four value tiles: no narrowing
     (1, 5, 300, 300, 64, 64),  # SD 2.x's; ragged blocks of queries and keys
     (2, 3, 1000, 77, 64, 64),  # cross-attention on a CLIP context
     (2, 8, 1024, 77, 80, 80),  # SD 1.x's wider heads: query tiles reloaded, output in two passes
