@@ -43,26 +43,12 @@ constexpr float kMaxBound = 62.0f;  // base-2 scores lie in [-bound, bound]: 2^(
 constexpr int kMaxWidth = 160;  // query/key and value widths taken
 constexpr int kMaxKSteps = kMaxWidth / 32, kMaxColTiles = kMaxWidth / 16;
 
-struct TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // All 8 tiles 16 rows x 64 bytes, but with a `tail` of widths (query/key widths past 32, under 32):
 // the second query tile (1) as 16 x `tail` widths and the second key tile (7) as its tail / 2 pairs,
 // so that the padding past the real widths is not loaded (SD 1.x's heads of 40 at 4,096 tokens:
 // 10 KB of key tiles per 128 keys instead of 16 KB, and the call 35 against 38 ms).
 void configure_tiles(int tail) {
-  TileConfig cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  ldm::TileConfig cfg = ldm::full_tiles();
   if (tail > 0) {
     cfg.colsb[1] = (uint16_t)(2 * tail);
     cfg.rows[7] = (uint8_t)(tail / 2);

@@ -32,28 +32,16 @@
 
 #include <vector>
 
+#include "simd.h"
+
 
 namespace {
 
 constexpr int kChunk = 8;      // 32-deep steps per chunk: 32 KB of B tiles and 8 KB of A rows in L1
 constexpr int kRowGroup = 32;  // row tiles per pass over the weights: 512 rows
 
-struct TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 void configure_tiles() {  // all 8 tiles 16 rows x 64 bytes
-  TileConfig cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const ldm::TileConfig cfg = ldm::full_tiles();
   _tile_loadconfig(&cfg);
 }
 

@@ -1,6 +1,8 @@
 // AVX-512 helpers shared by our kernels (header-only; kernels/__init__.py hashes it with each source).
 #pragma once
 #include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
 
 namespace ldm {
 
@@ -20,6 +22,27 @@ inline __m512 exp2_approx(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69581068f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992900f));
   return _mm512_scalef_ps(p, x);
+}
+
+// The AMX tile configuration (palette 1) that _tile_loadconfig reads, all 8 tiles 16 rows x 64
+// bytes; callers narrow tiles before loading it.
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline TileConfig full_tiles() {
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  return cfg;
 }
 
 }  // namespace ldm
