@@ -39,10 +39,11 @@ reporting any op that fails and where tensors change memory layout or dtype.
     .venv/bin/python bench/run.py --smoke --runs 1     # tiny models, seconds: the code paths only
 
 At SD 1.5 size on 2 cores, one U-Net step is about 1.6 TFLOP and a 512x512 decode about 2.5 TFLOP:
-expect tens of seconds per call in float32 and several times that in bf16 on CPUs without native
-bf16 (no AVX512-BF16/AMX), so the components take tens of minutes and each txt2img round (one
-run of every variant) more; the log on stderr says how far it is and, before the pipeline, how
-long that should take.
+expect a second or two per U-Net call in bf16 on AMX, tens of seconds in float32. CPUs without
+native bf16 (no AVX512-BF16/AMX, e.g. AVX2-only ones) emulate it, at about a GFLOP/s: there every
+variant that computes in bf16 (and `ldmkit generate`'s bf16) is left out, the float32 ones are what
+`--precision auto` runs; --emulated-bf16 keeps them (hours at SD 1.5 size). The log on stderr says
+how far it is and, before the pipeline, how long that should take.
 
 Run it on a quiet machine: the numbers are only as good as the CPU is idle.
 """
@@ -242,6 +243,11 @@ class Timing:
         return statistics.median(self.times) if self.times else math.nan
 
 
+def native_variants(variants: dict[str, Callable[[], object]], keep_bf16: bool) -> dict[str, Callable[[], object]]:
+    """`variants` less those that compute in bf16 (their names say so), unless `keep_bf16`."""
+    return dict(variants) if keep_bf16 else {name: fn for name, fn in variants.items() if "bf16" not in name}
+
+
 def time_variants(variants: dict[str, Callable[[], object]], runs: int, warmup: int, label: str, malloc: str,
                   warm_once: tuple[str, ...] = ()) -> dict[str, Timing]:
     """Time each variant `runs` times after `warmup` untimed calls (at least one for the names in
@@ -334,7 +340,7 @@ class Models:
     vae: AutoencoderKL
     text: CLIPTextModel
     unet16: UNet  # bf16, channels_last
-    unet_packed: UNet  # bf16, convolutions / linear layers / GEGLUs prepacked (models.onednn)
+    unet_packed: UNet | None  # bf16, layers prepacked (models.onednn); None where oneDNN has no bf16 here
     vae16: AutoencoderKL  # bf16, channels_last
     unet_cl: UNet  # float32, channels_last
     vae_cl: AutoencoderKL  # float32, channels_last
@@ -361,7 +367,8 @@ def build_models(sizes: Sizes, compile_backend: str | None) -> Models:
     models = Models(
         unet, vae, text,
         converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=True),
-        onednn.prepack(converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=False)),
+        onednn.prepack(converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=False))
+        if onednn.available(BF16) else None,
         converted_copy(vae, lambda: AutoencoderKL(vcfg), BF16, channels_last=True),
         converted_copy(unet, lambda: UNet(ucfg), torch.float32, channels_last=True),
         converted_copy(vae, lambda: AutoencoderKL(vcfg), torch.float32, channels_last=True),
@@ -423,7 +430,9 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
             return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     variants = {D32: d32, DAC: dac, L32: lambda: m.unet(x, t, ctx), LCL: lambda: m.unet_cl(x_cl, t, ctx),
-                L16: lambda: m.unet16(x16, t, ctx16), LPK: lambda: m.unet_packed(x16, t, ctx16)}
+                L16: lambda: m.unet16(x16, t, ctx16)}
+    if m.unet_packed is not None:
+        variants[LPK] = lambda: m.unet_packed(x16, t, ctx16)
     if kernels.attention_kernel():
         variants[LPS] = kernel_off(kernels.set_attention_kernel, variants[LBF])
     if kernels.group_norm_kernel_available():
@@ -576,10 +585,12 @@ sys.exit(rc)
 """
 
 
-def cli_run(m: Models, sizes: Sizes, steps: int, runs: int, malloc: str) -> tuple[list[list[str]], list[str]]:
-    """`ldmkit generate` as a user runs it, in a fresh process, on the random-weight models saved as
-    a diffusers folder in bf16: seconds from start to PNG (loading included) and that process's
-    peak RSS (with --malloc none, LDMKIT_KEEP_FREED_MEMORY=0). Returns table rows and notes."""
+def cli_run(m: Models, sizes: Sizes, steps: int, runs: int, malloc: str,
+            precision: str) -> tuple[list[list[str]], list[str]]:
+    """`ldmkit generate --precision PRECISION` as a user runs it, in a fresh process, on the
+    random-weight models saved as a diffusers folder in bf16: seconds from start to PNG (loading
+    included) and that process's peak RSS (with --malloc none, LDMKIT_KEEP_FREED_MEMORY=0).
+    Returns table rows and notes."""
     import subprocess
 
     from ldmkit.checkpoints.loading import Components, save_diffusers
@@ -592,7 +603,7 @@ def cli_run(m: Models, sizes: Sizes, steps: int, runs: int, malloc: str) -> tupl
         save_diffusers(comps, folder)
         h = sizes.image
         argv = ["generate", PROMPT, "--model", str(folder), "--steps", str(steps), "--width", str(h),
-                "--height", str(h), "--seed", "0", "--precision", "bf16", "--device", "cpu",
+                "--height", str(h), "--seed", "0", "--precision", precision, "--device", "cpu",
                 "--out", str(Path(tmp) / "out.png")]
         for r in range(runs):
             proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True,
@@ -978,6 +989,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--malloc", choices=tuple(MALLOC_POLICIES), default="ldmkit",
                    help="which variants run with glibc keeping freed large blocks (fewer page faults): "
                         "ldmkit's inference variants, as load_pipeline sets it (default), all, or none")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="keep the bf16 variants on a CPU without native bf16 (left out there by default: hours)")
     p.add_argument("--compile", action="store_true", help="add ldmkit bf16 channels_last under torch.compile")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for --compile (default inductor; 'eager' checks the wiring fast)")
@@ -1013,8 +1026,9 @@ def render(head: list[str], done: list[Workload], peaks: dict, checks: list[Chec
     if cli_rows:
         sections += ["## `ldmkit generate` in a fresh process", "",
                      "The same random weights saved as a diffusers folder (bf16), one image per run (the "
-                     "pipeline workload's size and steps), `--precision bf16`: seconds inside `ldmkit.cli.main`, from the call to the PNG "
-                     "(loading, prepacking, text, sampling, decode, save; not Python's start-up); of them, "
+                     "pipeline workload's size and steps), `--precision bf16` (fp32 where bf16 is emulated, "
+                     "as said above): seconds inside `ldmkit.cli.main`, from the call to the PNG (loading, "
+                     "prepacking, text, sampling, decode, save; not Python's start-up); of them, "
                      "the seconds inside `StableDiffusion.txt2img` (text, sampling, decode: the txt2img "
                      "workload's work, its first call in a process that holds only this model); and the "
                      "process's peak RSS.", "",
@@ -1040,11 +1054,23 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     head: list[str] = [f"# ldmkit speed benchmark{' (smoke)' if args.smoke else ''}", "", *environment(args), ""]
 
+    # a smoke run keeps bf16 everywhere: its tiny models take seconds even where bf16 is emulated
+    keep_bf16 = cpu_has_native_bf16() or args.emulated_bf16 or args.smoke
     log(f"matmul peak ({sizes.matmul_n}x{sizes.matmul_n}) ...")
-    peaks = {dt: matmul_peak(dt, sizes.matmul_n, args.runs) for dt in (torch.float32, BF16)}
+    peaks = {dt: matmul_peak(dt, sizes.matmul_n, args.runs) if keep_bf16 or dt == torch.float32 else math.nan
+             for dt in (torch.float32, BF16)}
     head += [f"Matmul peak ({sizes.matmul_n}x{sizes.matmul_n}, best of {max(args.runs, 2)}): "
-             f"fp32 {peaks[torch.float32]:.3f} TFLOP/s, bf16 {peaks[BF16]:.3f} TFLOP/s.", ""]
+             f"fp32 {peaks[torch.float32]:.3f} TFLOP/s, bf16 "
+             + (f"{peaks[BF16]:.3f} TFLOP/s." if keep_bf16 else "not measured."), ""]
+    if not keep_bf16:
+        head += ["This CPU emulates bf16 (no AVX512-BF16/AMX): the variants that compute in bf16 are left out "
+                 "(`--emulated-bf16` keeps them), and `ldmkit generate` runs in float32, as `--precision auto` "
+                 "does here.", ""]
     log(head[-2])
+
+    def timed(wl: Workload, runs: int, warmup: int, **kwargs) -> dict[str, Timing]:
+        wl.variants = native_variants(wl.variants, keep_bf16)
+        return time_variants(wl.variants, runs, warmup, wl.name, args.malloc, **kwargs)
 
     compat = None
     if not args.skip_compat:  # first: seconds, and it does not wait for the long workloads
@@ -1063,7 +1089,7 @@ def main(argv=None) -> int:
     workloads["text encode"] = text_workload(m, ids)
     for wl in workloads.values():
         log(f"{wl.name}: {wl.what}; {wl.flops / 1e9:.2f} GFLOP")
-        wl.timings = time_variants(wl.variants, args.runs, args.warmup, wl.name, args.malloc)
+        wl.timings = timed(wl, args.runs, args.warmup)
 
     checks = quality_checks(workloads)
     notes: list[str] = []
@@ -1091,7 +1117,7 @@ def main(argv=None) -> int:
                     f"{expected_pipeline_seconds(workloads, steps, args.pipeline_runs):.0f} s in all "
                     "(from the component timings)")
                 # compiled U-Nets recompile for the pipeline's NCHW inputs: one untimed run first
-                pw.timings = time_variants(pw.variants, args.pipeline_runs, 0, pw.name, args.malloc, warm_once=(LCO,))
+                pw.timings = timed(pw, args.pipeline_runs, 0, warm_once=(LCO,))
                 checks += image_checks(pw)
                 done.append(pw)
         except Exception as e:  # noqa: BLE001 - keep what was measured
@@ -1100,8 +1126,10 @@ def main(argv=None) -> int:
         save(partial=True)
 
     if not args.skip_cli:
-        log("ldmkit generate in a fresh process (bf16, loading included) ...")
-        cli_rows, cli_notes = cli_run(m, sizes, sizes.pipeline_steps or args.steps, args.pipeline_runs, args.malloc)
+        precision = "bf16" if keep_bf16 else "fp32"
+        log(f"ldmkit generate in a fresh process ({precision}, loading included) ...")
+        cli_rows, cli_notes = cli_run(m, sizes, sizes.pipeline_steps or args.steps, args.pipeline_runs, args.malloc,
+                                      precision)
         notes += cli_notes
         save(partial=True)
 
@@ -1112,7 +1140,7 @@ def main(argv=None) -> int:
                                                   args.compile_backend if args.compile else None)
                 notes += list(shape_notes.values())
                 log(f"{sw.name}: {sw.what}; {sw.flops / 1e9:.2f} GFLOP")
-                sw.timings = time_variants(sw.variants, args.runs, args.warmup, sw.name, args.malloc)
+                sw.timings = timed(sw, args.runs, args.warmup)
                 checks += image_checks(sw)
                 ours = [t.median for name, t in sw.timings.items() if name.startswith("ldmkit") and t.times]
                 if ours:
@@ -1129,7 +1157,7 @@ def main(argv=None) -> int:
         try:
             tw = training_workload(sizes, args.shapes_model)
             log(f"{tw.name}: {tw.what}; {tw.flops / 1e9:.2f} GFLOP")
-            tw.timings = time_variants(tw.variants, args.runs, args.warmup, tw.name, args.malloc)
+            tw.timings = timed(tw, args.runs, args.warmup)
             batch = sizes.train_batch
             notes += [f"U-Net training step, {name}: {batch / t.median:.0f} images/s" for name, t in tw.timings.items()
                       if t.times]

@@ -15,6 +15,8 @@ from ldmkit.models.unet import UNet, unet_preset
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN kernels")
 
 CL = torch.channels_last
+# oneDNN's bf16 needs AVX-512 or AVX-NE-CONVERT: AVX2-only CPUs (AMD Zen 3) run these in float32 only
+NEEDS_BF16 = pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="oneDNN has no bf16 kernels for this CPU")
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -38,7 +40,7 @@ def plain_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, GEGLU)]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 2e-2, marks=NEEDS_BF16)])
 @pytest.mark.parametrize("shape", [(2, 16, 16), (3, 24, 40)])  # the size packed for, and others
 def test_packed_unet_matches_the_plain_one(dtype, tol, shape):
     plain = tiny_unet(dtype)
@@ -118,6 +120,7 @@ def test_prepack_refuses_models_off_the_cpu_and_builds_without_onednn(monkeypatc
         onednn.prepack(nn.Linear(2, 2))
 
 
+@NEEDS_BF16
 def test_load_pipeline_prepacks_the_bf16_cpu_unet_and_keeps_its_images():
     from ldmkit.pipelines.load import load_pipeline
 
@@ -136,7 +139,8 @@ def test_load_pipeline_prepacks_the_bf16_cpu_unet_and_keeps_its_images():
     assert off_packed < 1.2 * off_plain + 0.5, (off_packed, off_plain)
 
 
-@pytest.mark.parametrize("flags,packs", [({"avx512_bf16", "amx_tile", "amx_bf16"}, True), ({"avx512_bf16"}, False)])
+@pytest.mark.parametrize("flags,packs", [pytest.param({"avx512_bf16", "amx_tile", "amx_bf16"}, True, marks=NEEDS_BF16),
+                                         ({"avx512_bf16"}, False)])
 def test_load_pipeline_prepacks_by_default_only_where_the_cpu_has_amx(monkeypatch, flags, packs):
     # prepacked convolutions ran the SD 1.5 U-Net faster on AMX, twice as slow on AMD Zen 5's AVX512-BF16
     from ldmkit.pipelines import load
@@ -145,3 +149,17 @@ def test_load_pipeline_prepacks_by_default_only_where_the_cpu_has_amx(monkeypatc
     pipe = load.load_pipeline(None, precision="bf16", device="cpu")
     assert (plain_layers(pipe.unet) == []) == packs
     assert packs or pipe.unet.conv_in.weight.is_contiguous(memory_format=CL)
+
+
+def test_without_onednn_bf16_prepack_says_so_and_load_pipeline_keeps_plain_layers(monkeypatch):
+    """On a CPU oneDNN has no bf16 code for, prepacking a bf16 model is a one-line error, and
+    load_pipeline asked to prepack keeps the plain channels_last layers (which PyTorch still runs)."""
+    from ldmkit.pipelines.load import load_pipeline
+
+    monkeypatch.setattr(onednn, "_bf16_reorders", lambda: False)
+    assert onednn.available() and not onednn.available(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no bf16 kernels for this CPU"):
+        onednn.prepack(nn.Linear(2, 2).to(torch.bfloat16))
+    onednn.prepack(nn.Linear(2, 2))  # float32 still packs
+    pipe = load_pipeline(None, precision="bf16", device="cpu", prepack=True)
+    assert plain_layers(pipe.unet) and pipe.unet.conv_in.weight.is_contiguous(memory_format=CL)

@@ -30,6 +30,8 @@ call and runs the ordinary differentiable op.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,11 +49,24 @@ _MKLDNN = torch.ops.mkldnn
 AMX_CONV_MIN_CHANNELS = 1024
 
 
-def available() -> bool:
-    """Whether this PyTorch build has oneDNN and the fused inference kernels."""
-    return (torch.backends.mkldnn.is_available()
-            and all(hasattr(_MKLDNN, op) for op in ("_convolution_pointwise", "_linear_pointwise",
-                                                   "_reorder_linear_weight")))
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build has oneDNN and the fused inference kernels, and whether this CPU
+    runs them in `dtype`: oneDNN's bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which AVX2-only
+    CPUs such as AMD's Zen 3 lack."""
+    kernels_built = (torch.backends.mkldnn.is_available()
+                     and all(hasattr(_MKLDNN, op) for op in ("_convolution_pointwise", "_linear_pointwise",
+                                                            "_reorder_linear_weight")))
+    return kernels_built and (dtype != torch.bfloat16 or _bf16_reorders())
+
+
+@functools.cache
+def _bf16_reorders() -> bool:
+    """Whether oneDNN lays out a bf16 weight here (it refuses on CPUs whose ISA it has no bf16 code for)."""
+    try:
+        _MKLDNN._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -174,6 +189,9 @@ def prepack(model: nn.Module) -> nn.Module:
         raise RuntimeError("this PyTorch build has no oneDNN inference kernels; run the model unpacked")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("prepack is for models on the CPU")
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not available(torch.bfloat16):
+        raise RuntimeError("oneDNN has no bf16 kernels for this CPU (they need AVX-512 or AVX-NE-CONVERT); "
+                           "run the bf16 model unpacked")
     _pack_children(model)
     return model
 

@@ -189,8 +189,9 @@ def load_pipeline(
 
     precision: "auto", "fp32", "bf16" or "fp16" (CUDA only); device: "auto", "cpu" or "cuda".
     `prediction_type`, `arch` and `inpainting` are passed to load_pipeline_components.
-    `prepack` (CPU bf16 only): True prepacks the U-Net's layers for oneDNN, False keeps them
-    PyTorch layers with channels_last weights, None (the default) prepacks where the CPU has AMX.
+    `prepack` (CPU bf16 only): True prepacks the U-Net's layers for oneDNN (where oneDNN has bf16
+    kernels for this CPU), False keeps them PyTorch layers with channels_last weights, None (the
+    default) prepacks where the CPU has AMX.
     """
     target = resolve_device(device)
     dtype = resolve_precision(precision, target)
@@ -202,7 +203,7 @@ def load_pipeline(
         comps.vae.to(memory_format=torch.channels_last)
         if prepack is None:
             prepack = cpu_has_amx()
-        if prepack and onednn.available():
+        if prepack and onednn.available(dtype):
             onednn.prepack(comps.unet)
         else:
             comps.unet.to(memory_format=torch.channels_last)
