@@ -16,11 +16,11 @@ Workloads (each timed for every variant, in one process, variants alternating):
               UNet2DConditionModel, fp32 and bf16 autocast, in images/s (--skip-training)
 
 Variants: diffusers fp32, diffusers under bf16 autocast, ldmkit fp32, ldmkit fp32 with
-channels_last weights and inputs (U-Net and VAE: the layout's effect alone), ldmkit with bf16
-weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
+channels_last weights and inputs (U-Net and VAE: the layout's effect alone; what `load_pipeline`
+runs in float32 on the CPU, so the txt2img workload's "ldmkit fp32" is channels_last), ldmkit with
+bf16 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
 (`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 on a CPU with AMX; elsewhere the bf16
-pipelines use bf16 channels_last),
-and with --compile bf16 channels_last under torch.compile. The diffusers /
+pipelines use bf16 channels_last), and with --compile bf16 channels_last under torch.compile. The diffusers /
 transformers models share ldmkit fp32's weight tensors, so the weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
@@ -483,9 +483,10 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         p.vae_tile_size = None  # decode whole, as diffusers does (tiling starts above 512 for SD anyway)
         return p
 
-    # bf16: what load_pipeline builds on the CPU (U-Net packed where AMX is, else channels_last; channels_last VAE)
+    # what load_pipeline builds on the CPU: float32 channels_last; in bf16 the U-Net packed where AMX
+    # is, else channels_last, and a channels_last VAE
     unet16 = m.unet_packed if LBF == LPK else m.unet16
-    ours32, ours16 = ours_pipe(m.unet, m.vae, m.text), ours_pipe(unet16, m.vae16, m.text16)
+    ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, m.vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=m.d_vae, text_encoder=m.d_text, tokenizer=hf_tokenizer, unet=m.d_unet, scheduler=scheduler,
@@ -687,6 +688,8 @@ def expected_pipeline_seconds(workloads: dict[str, Workload], steps: int, runs: 
     total = 0.0
     for name in (D32, DAC, L32, LBF, LCO):
         parts = [workloads[w].timings.get(name) for w in ("U-Net step", "VAE decode", "text encode")]
+        if name == L32:  # the pipeline's float32 run is channels_last
+            parts[:2] = workloads["U-Net step"].timings.get(LCL), workloads["VAE decode"].timings.get(LCL)
         if name in (LBF, LCO):  # the pipeline's bf16 runs use the channels_last VAE and the bf16 text encoder
             parts[1:] = workloads["VAE decode"].timings.get(L16), workloads["text encode"].timings.get("ldmkit bf16")
         if all(p is not None and p.times for p in parts):

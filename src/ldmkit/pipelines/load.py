@@ -7,11 +7,14 @@ stays float32 ("VAE upcast", as diffusers does for SD 1.x), because the SD VAE d
 activations overflow fp16's range; bf16 has float32's range, so a bf16 VAE is kept (and a
 non-finite decode is still retried in float32 by the pipeline).
 
-On the CPU in bf16 the VAE runs channels_last, and so does the U-Net, whose convolutions, linear
-layers and GEGLUs are instead prepacked for oneDNN (`ldmkit.models.onednn`: weights reordered
-once instead of every step, GEGLU as two GEMMs with fused post-ops) where the CPU has AMX: there
+On the CPU the VAE runs channels_last, and so does the U-Net, whose convolutions, linear layers and
+GEGLUs are instead prepacked for oneDNN in bf16 (`ldmkit.models.onednn`: weights reordered once
+instead of every step, GEGLU as two GEMMs with fused post-ops) where the CPU has AMX: there
 prepacking made the SD 1.5 U-Net step 22% faster, while on an AVX512-BF16 CPU without AMX (AMD
-Zen 5) its convolutions took twice as long as channels_last ones. Our kernels (`ldmkit.kernels`)
+Zen 5) its convolutions took twice as long as channels_last ones. In float32 channels_last made an
+AVX2-only CPU's (AMD Zen 3) SD 1.5 U-Net step 13% faster and its VAE decode 17%, and was neutral to
+25% faster on the Sapphire Rapids; prepacking there was slower than channels_last (17.8 against
+13.8 s a step) and fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`)
 are built here rather than in the first sampling step. On the CPU glibc's malloc is told to keep
 freed large blocks (`cpu.keep_freed_memory`; LDMKIT_KEEP_FREED_MEMORY=0 leaves it as it is): each
 step and decode then reuses the memory of the last instead of page-faulting in fresh mappings.
@@ -199,14 +202,15 @@ def load_pipeline(
     comps = load_pipeline_components(path, prediction_type=prediction_type, arch=arch,
                                      inpainting=inpainting, dtype=dtype, device=target)
     comps.vae.to(vae_dtype_for(dtype))
-    if target.type == "cpu" and dtype == torch.bfloat16:
+    if target.type == "cpu":
         comps.vae.to(memory_format=torch.channels_last)
         if prepack is None:
             prepack = cpu_has_amx()
-        if prepack and onednn.available(dtype):
+        if prepack and dtype == torch.bfloat16 and onednn.available(dtype):
             onednn.prepack(comps.unet)
         else:
             comps.unet.to(memory_format=torch.channels_last)
+    if target.type == "cpu" and dtype == torch.bfloat16:
         kernels.attention_kernel()  # build our kernels now, not in the first step
         kernels.group_norm_kernel_available()
     if target.type == "cpu" and os.environ.get("LDMKIT_KEEP_FREED_MEMORY", "1") != "0":
