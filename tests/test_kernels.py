@@ -5,6 +5,8 @@ PyTorch's LayerNorm, and the AMX 3x3 convolution F.conv2d, to bf16 accuracy at e
 take; the first three hand everything else to PyTorch unchanged, and all are what the U-Net and
 the VAE run on in bf16 inference."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,16 @@ norm_kernel = pytest.mark.skipif(not kernels.group_norm_kernel_available(), reas
 conv_kernel = pytest.mark.skipif(not kernels.conv_kernel_available(), reason="no AMX, g++ or Linux here")
 layer_norm_kernel = pytest.mark.skipif(not kernels.layer_norm_kernel_available(),
                                        reason="no AVX-512 BF16, g++ or Linux here")
+
+
+@contextlib.contextmanager
+def switched_off(switch):
+    """One of our kernels off for the block (`kernels.set_attention_kernel` and the like): PyTorch runs."""
+    previous = switch(False)
+    try:
+        yield
+    finally:
+        switch(previous)
 
 
 def heads(batch: int, tokens: int, nh: int, width: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -92,11 +104,8 @@ def test_attention_leaves_other_work_to_pytorch(case):
 
 def test_attention_switch_off_gives_pytorch():
     q = heads(1, 512, 2, 40)
-    previous = kernels.set_attention_kernel(False)
-    try:
+    with switched_off(kernels.set_attention_kernel):
         assert torch.equal(kernels.attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
-    finally:
-        kernels.set_attention_kernel(previous)
 
 
 @attention_kernel
@@ -166,11 +175,8 @@ def test_group_norm_kernel_matches_pytorch(shape, groups, channels_last, silu, w
     with torch.no_grad():
         ours = kernels.group_norm(x, norm, silu=silu, shift=shift)
         assert not pytorch_calls
-        previous = kernels.set_group_norm_kernel(False)
-        try:
+        with switched_off(kernels.set_group_norm_kernel):
             theirs = kernels.group_norm(x, norm, silu=silu, shift=shift)  # PyTorch's bf16 modules
-        finally:
-            kernels.set_group_norm_kernel(previous)
         assert pytorch_calls
     assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -234,11 +240,8 @@ def test_resnet_block_runs_on_the_group_norm_kernel():
     with torch.no_grad():
         ours = block(x, temb)
         assert not pytorch_calls
-        previous = kernels.set_group_norm_kernel(False)
-        try:
+        with switched_off(kernels.set_group_norm_kernel):
             theirs = block(x, temb)
-        finally:
-            kernels.set_group_norm_kernel(previous)
         assert len(pytorch_calls) == 2  # the switch off: PyTorch ran both norms
         ref = ResnetBlock.forward(block.float(), x.float(), temb.float())
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3
@@ -269,11 +272,8 @@ def test_layer_norm_kernel_matches_pytorch(shape):
         pytorch_calls = count_module_calls(norm)
         ours = kernels.layer_norm(x, norm)
         assert not pytorch_calls
-        previous = kernels.set_layer_norm_kernel(False)
-        try:
+        with switched_off(kernels.set_layer_norm_kernel):
             theirs = kernels.layer_norm(x, norm)  # PyTorch's bf16 module
-        finally:
-            kernels.set_layer_norm_kernel(previous)
         assert pytorch_calls
     assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
     assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)
@@ -318,11 +318,8 @@ def test_transformer_block_runs_on_the_layer_norm_kernel():
     with torch.no_grad():
         ours = block(x, context)
         assert not pytorch_calls
-        previous = kernels.set_layer_norm_kernel(False)
-        try:
+        with switched_off(kernels.set_layer_norm_kernel):
             theirs = block(x, context)
-        finally:
-            kernels.set_layer_norm_kernel(previous)
         assert len(pytorch_calls) == 3  # the switch off: PyTorch ran the three norms
         ref = BasicTransformerBlock.forward(block.float(), x.float(), context.float())
     assert rel_err(ours, ref) < 2 * rel_err(theirs, ref) + 1e-3
