@@ -931,7 +931,7 @@ def timing_rows(workloads: list[Workload], peaks: dict[torch.dtype, float]) -> l
                 f"{base16.median / s:.2f}x" if base16 else "",
                 f"{tflops:.3f}",
                 f"{100 * tflops / peaks[torch.float32]:.0f}%",
-                f"{100 * tflops / peaks[BF16]:.0f}%",
+                "" if math.isnan(peaks[BF16]) else f"{100 * tflops / peaks[BF16]:.0f}%",  # not measured
                 f"{(t.user + t.sys) / sum(t.times):.2f}",
                 f"{100 * t.sys / max(t.user + t.sys, 1e-9):.0f}%",
                 f"{t.peak / 2**30:.2f}", f"{t.above / 2**30:.2f}",
@@ -1065,11 +1065,12 @@ def main(argv=None) -> int:
     head += [f"Matmul peak ({sizes.matmul_n}x{sizes.matmul_n}, best of {max(args.runs, 2)}): "
              f"fp32 {peaks[torch.float32]:.3f} TFLOP/s, bf16 "
              + (f"{peaks[BF16]:.3f} TFLOP/s." if keep_bf16 else "not measured."), ""]
+    log(head[-2])
     if not keep_bf16:
         head += ["This CPU emulates bf16 (no AVX512-BF16/AMX): the variants that compute in bf16 are left out "
                  "(`--emulated-bf16` keeps them), and `ldmkit generate` runs in float32, as `--precision auto` "
                  "does here.", ""]
-    log(head[-2])
+        log(head[-2])
 
     def timed(wl: Workload, runs: int, warmup: int, **kwargs) -> dict[str, Timing]:
         wl.variants = native_variants(wl.variants, keep_bf16)
