@@ -308,6 +308,15 @@ def test_precision_and_device_choice(monkeypatch):
             resolve_device("cuda")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_says_so(model, tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(load_module, "cpu_has_native_bf16", lambda: native)
+    assert generate(model, tmp_path / "x.png", "--precision", "bf16") == 0
+    assert ("bf16 is emulated" in capsys.readouterr().err) != native
+    assert generate(model, tmp_path / "y.png", "--precision", "fp32") == 0
+    assert "emulated" not in capsys.readouterr().err
+
+
 # -- NaN / Inf -----------------------------------------------------------------------------------
 
 

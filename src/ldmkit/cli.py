@@ -356,7 +356,10 @@ def _run_job(pipe, args, job: _Job) -> list:
 
 def run_generate(args) -> int:
     from .data import make_grid
-    from .pipelines.load import load_pipeline, resolve_device, resolve_model_path, resolve_precision
+    import torch
+
+    from .pipelines.load import (cpu_has_native_bf16, load_pipeline, resolve_device, resolve_model_path,
+                                 resolve_precision)
     from .pipelines.output import save_png
 
     # everything that can be checked without the model comes first
@@ -365,7 +368,11 @@ def run_generate(args) -> int:
     mask = _open_image(args.mask, "--mask", "L") if args.mask else None
     _check_images(args, init, mask)
     model_path = resolve_model_path(args.model)
-    resolve_precision(args.precision, resolve_device(args.device))  # fp16 on the CPU, CUDA missing
+    device = resolve_device(args.device)  # CUDA missing is an error here
+    dtype = resolve_precision(args.precision, device)  # ... and so is fp16 on the CPU
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and several times "
+              "slower than fp32 here (--precision auto picks fp32)", file=sys.stderr)
 
     pipe = load_pipeline(model_path, args.precision, args.device, prediction_type=args.prediction_type,
                          arch=args.arch, inpainting=args.inpainting)
