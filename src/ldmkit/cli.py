@@ -355,9 +355,9 @@ def _run_job(pipe, args, job: _Job) -> list:
 
 
 def run_generate(args) -> int:
-    from .data import make_grid
     import torch
 
+    from .data import make_grid
     from .pipelines.load import (cpu_has_native_bf16, load_pipeline, resolve_device, resolve_model_path,
                                  resolve_precision)
     from .pipelines.output import save_png
