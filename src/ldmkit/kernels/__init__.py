@@ -2,7 +2,8 @@
 
 - `attention(q, k, v)` is `F.scaled_dot_product_attention(q, k, v)` (no mask, no dropout) that
   runs bf16 inference through `attention.cpp` when it can: its products on Intel AMX tiles where
-  the CPU has them, else as AVX512-BF16 dot products (AMD Zen 4 and 5, Intel Cooper Lake);
+  the CPU has them, else as AVX512-BF16 dot products (AMD Zen 4 and 5; not Intel's Cooper Lake,
+  which lacks the AVX512-VBMI it also needs);
 - `group_norm(x, norm, silu, shift)` is `norm(x + shift)`, then SiLU, in one pass over a bf16
   feature map on AVX-512 through `group_norm.cpp` when it can;
 - `layer_norm(x, norm)` is `norm(x)` for an `nn.LayerNorm` over the last dimension, one read of
@@ -39,11 +40,12 @@ from ..cpu import cpu_flags
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw",
                  "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 NEEDS = {  # /proc/cpuinfo flags each kernel needs
-    "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
+    "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi"},
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "layer_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "conv": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"},
 }
+EXTRA_FLAGS = {"attention": ("-mavx512vbmi",)}  # only where NEEDS asks for it: no VBMI in the other kernels
 AMX_FLAGS = {"amx_tile", "amx_bf16"}  # where the attention kernel's products run on AMX tiles
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
@@ -62,8 +64,8 @@ def _build(name: str) -> Path:
     """The compiled kernel `name` for this version of its source, built if missing (atomically)."""
     source = Path(__file__).with_name(f"{name}.cpp")
     header = Path(__file__).with_name("simd.h")  # included by every source
-    digest = hashlib.sha256(source.read_bytes() + header.read_bytes()
-                            + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    flags = (*COMPILE_FLAGS, *EXTRA_FLAGS.get(name, ()))
+    digest = hashlib.sha256(source.read_bytes() + header.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = user_cache_dir() / "kernels" / f"{name}-{digest}.so"
     if target.is_file():
         return target
@@ -73,7 +75,7 @@ def _build(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True)
+        subprocess.run([compiler, *flags, "-o", str(built), str(source)], check=True, capture_output=True)
         os.replace(built, target)  # another process may have raced us here: either file is the same
     return target
 

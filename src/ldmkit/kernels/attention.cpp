@@ -1,12 +1,13 @@
 // Flash attention for bf16 inference on the CPU, called through ctypes: the products on Intel AMX
-// tiles (Sapphire Rapids and later) or, on CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and 5,
-// Intel Cooper Lake), as vdpbf16ps on 512-bit vectors.
+// tiles (Sapphire Rapids and later) or, on CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and 5), as
+// vdpbf16ps on 512-bit vectors. It also needs AVX512-VBMI (one byte table lookup per 32
+// probabilities), which Intel's Cooper Lake lacks: PyTorch's kernel runs there.
 //
 // Why our own: at SD's head widths (40, 64, 80, 160) PyTorch's CPU flash kernel spends most of its time
 // outside the matrix products: it writes fp32 scores, makes separate passes for the row max and
 // the float32 exp, and calls a general GEMM per block. Here the scores of 16 queries x 128 keys
-// stay in L1, exp is a 2^x polynomial accurate to 1e-4 (below the
-// bf16 rounding, 4e-3, that the probabilities get anyway), and the row max is usually not needed:
+// stay in L1, the exponentials are computed straight into bf16 bits (see probs_step), and the row
+// max is usually not needed:
 // softmax is the same for any shift of a row, and |q||k|max bounds the row's scores (Cauchy-
 // Schwarz), so with that bound as the shift nothing overflows, and while the bound is small
 // nothing underflows either. Rows with larger bounds take the usual running max.
@@ -54,6 +55,10 @@ void configure_tiles(int tail) {
     cfg.rows[7] = (uint8_t)(tail / 2);
   }
   _tile_loadconfig(&cfg);
+}
+
+inline __mmask32 mask32_from(int n) {  // lanes [0, n) of 32
+  return n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : ((__mmask32)1 << n) - 1;
 }
 
 inline void store_bf16(uint16_t* dst, __m512 x) {
@@ -126,28 +131,40 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
   }
 }
 
+// 2^(f/128) for f = 0..127 as bf16 mantissas: f - kMantissaDrop[f] is the 7-bit mantissa of the
+// bf16 nearest to 2^(f/128) (2^x lies below the chord 1 + x, so the drop is 0..11)
+alignas(64) constexpr int8_t kMantissaDrop[128] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 10, 10, 10, 10, 10, 10, 10, 10, 10, 9, 9, 9, 9, 9, 9, 9, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 1, 1, 1, 0};
+
 // probs[:, j:j+32] = 2^(c*s - m) as bf16 for all 16 rows. This is the kernel's bottleneck (an
-// exponential per score), so it does only what it must: with SUMS the row sums are added to `sums`
-// (otherwise V carries a column of ones and the product sums the probabilities); with MASKED the
-// keys from `valid` on get 0 (otherwise all 32 are real keys).
+// exponential per score), so it is computed straight into bf16 bits: y = 128 (c*s - m) + 127*128,
+// rounded to an integer, is a bf16 bit pattern whose exponent field (y >> 7) is right and whose
+// mantissa field (y & 127) is the fraction f/128 of the power; one table lookup of 128 bytes turns
+// f into the mantissa of 2^(f/128). The exponent is rounded to 1/128 (0.27% at most) before the
+// bf16 rounding (0.39%) every probability gets anyway. Unsigned saturation takes powers below
+// 2^-127 to 0. With SUMS the row sums are added to `sums` (otherwise V carries a column of ones and
+// the product sums the probabilities); with MASKED the keys from `valid` on get 0.
 template <bool SUMS, bool MASKED>
 inline void probs_step(const float* scores, int valid, int j, float c, const float* m, uint16_t* probs,
                        __m512* sums) {
-  const __m512 vc = _mm512_set1_ps(c);
-  const __mmask16 lo = ldm::mask_from(valid - j), hi = ldm::mask_from(valid - j - 16);
+  const __m512 vc = _mm512_set1_ps(128.0f * c);
+  const __m512i drop_lo = _mm512_load_si512(kMantissaDrop), drop_hi = _mm512_load_si512(kMantissaDrop + 64);
+  const __m512i in_order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);  // undo packus's per-lane interleave
+  const __mmask32 live = MASKED ? mask32_from(valid - j) : ~(__mmask32)0;
   for (int r = 0; r < kQRows; ++r) {
     const float* s = scores + r * kKeyBlock + j;
-    const __m512 vm = _mm512_set1_ps(m[r]);
-    __m512 e0, e1;
-    if (MASKED) {
-      e0 = _mm512_maskz_mov_ps(lo, ldm::exp2_approx(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lo, s), vc, vm)));
-      e1 = _mm512_maskz_mov_ps(hi, ldm::exp2_approx(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(hi, s + 16), vc, vm)));
-    } else {
-      e0 = ldm::exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vm));
-      e1 = ldm::exp2_approx(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vm));
+    const __m512 vm = _mm512_set1_ps(128.0f * m[r] - 127.0f * 128.0f);
+    const __m512i y0 = _mm512_cvtps_epi32(_mm512_fmsub_ps(_mm512_loadu_ps(s), vc, vm));
+    const __m512i y1 = _mm512_cvtps_epi32(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vc, vm));
+    const __m512i y = _mm512_permutexvar_epi64(in_order, _mm512_packus_epi32(y0, y1));  // 32 x u16
+    const __m512i drop = _mm512_maskz_permutex2var_epi8(0x5555555555555555ull, drop_lo, y, drop_hi);
+    __m512i p = _mm512_sub_epi16(y, drop);
+    if (MASKED) p = _mm512_maskz_mov_epi16(live, p);
+    if (SUMS) {
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xffff0000)));
+      sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(lo, hi));
     }
-    if (SUMS) sums[r] = _mm512_add_ps(sums[r], _mm512_add_ps(e0, e1));
-    _mm512_storeu_si512(probs + r * kKeyBlock + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    _mm512_storeu_si512(probs + r * kKeyBlock + j, p);
   }
 }
 
@@ -398,9 +415,6 @@ struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its fi
   uint16_t* row(long b, long h, long n) const { return data + b * sb + h * sh + n * sn; }
 };
 
-inline __mmask32 mask32_from(int n) {  // lanes [0, n) of 32
-  return n >= 32 ? ~(__mmask32)0 : n <= 0 ? (__mmask32)0 : ((__mmask32)1 << n) - 1;
-}
 
 // sum of squares of the bf16 values in x (bf16 is the top half of a float32)
 inline __m512 squares(__m512i x, __m512 acc) {
