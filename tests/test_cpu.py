@@ -1,14 +1,18 @@
 """`ldmkit.cpu.keep_freed_memory`: glibc's malloc told to keep freed large blocks, so a tensor
 made again at every call is not page-faulted in afresh each time, and `load_pipeline` doing it;
-and the channels_last layout `load_pipeline` gives float32 models on the CPU."""
+`import ldmkit` asking PyTorch for huge pages; and the channels_last layout `load_pipeline` gives
+float32 models on the CPU."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from ldmkit.cpu import HUGE_PAGES_VARIABLE
 from ldmkit.pipelines import load
 
 # In a fresh process (the test process's malloc has its own history): a 64 MiB tensor made, filled
@@ -31,7 +35,9 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 
 
 def faults(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120, check=True)
+    env = {**os.environ, HUGE_PAGES_VARIABLE: "0"}  # 4 KiB pages: the faults counted are malloc's alone
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,3 +88,42 @@ def test_load_pipeline_runs_float32_channels_last_on_the_cpu_with_the_same_image
     # 0.14% of values off by more than 0.01, mean 0.024/255); bf16 moves its images by 3.7/255
     diff = (images_laid_out - images).abs()
     assert diff.mean() < 1e-3 and (diff > 0.01).float().mean() < 0.01
+
+
+# In a fresh process: what `import ldmkit` leaves in the environment, and how much of a 64 MiB tensor
+# made after it is backed by huge pages (kB, from /proc/self/smaps_rollup)
+HUGE = """
+import json, os, sys
+if sys.argv[1] == "torch-first":
+    import torch
+import ldmkit, torch
+x = torch.ones(64 << 20, dtype=torch.uint8)
+rollup = open("/proc/self/smaps_rollup").read()
+huge = next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith("AnonHugePages:"))
+print(json.dumps({"variable": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge}))
+"""
+
+
+def huge_pages(order: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_VARIABLE} | env
+    out = subprocess.run([sys.executable, "-c", HUGE, order], capture_output=True, text=True, timeout=120, check=True,
+                         env=environ)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def linux_lends_huge_pages() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux's smaps_rollup")
+def test_import_ldmkit_asks_pytorch_for_huge_pages_unless_told_not_to():
+    asked, refused, late = huge_pages("ldmkit-first"), huge_pages("ldmkit-first", THP_MEM_ALLOC_ENABLE="0"), \
+        huge_pages("torch-first")
+    assert asked["variable"] == "1" and refused["variable"] == "0" and late["variable"] is None
+    assert refused["huge_kb"] == 0 and late["huge_kb"] == 0
+    if linux_lends_huge_pages():  # else the request changes nothing, which is the point of it there
+        assert asked["huge_kb"] >= 32 << 10, asked  # at least half the tensor in 2 MiB pages

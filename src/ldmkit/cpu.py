@@ -1,8 +1,10 @@
-"""What this CPU can do, as Linux reports it, and how glibc's malloc should treat large blocks on it."""
+"""What this CPU can do, as Linux reports it, and how glibc's malloc and PyTorch should get large blocks on it."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 from pathlib import Path
 
 
@@ -41,3 +43,22 @@ def keep_freed_memory(keep: bool = True) -> bool:
     if not keep:
         malloc_trim(0)
     return applied
+
+
+# PyTorch backs each CPU tensor of 2 MiB or more with transparent huge pages (2 MiB pages, where
+# Linux lends them on request: THP "madvise" or "always") when THP_MEM_ALLOC_ENABLE=1 at its first
+# allocation, which it reads once. A fresh page is then one fault per 2 MiB instead of 512: on the
+# 2-core Sapphire Rapids (2026-12-07) the SD VAE decode inside a 20-step txt2img took 1.28-1.63
+# against 1.84-2.46 s, and a fresh `ldmkit generate` 23.4-25.6 against 24.1-28.9 s, at a lower peak
+# RSS (5.51-5.57 against 5.83-5.90 GB). Where the kernel lends no huge pages it changes nothing.
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def request_huge_pages() -> bool:
+    """Ask PyTorch for huge pages (see the note above) unless the environment already says either
+    way; `import ldmkit` does it. Only takes effect before torch is imported: returns whether it
+    will, i.e. torch is not imported yet and the variable is 1."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
+    return os.environ[HUGE_PAGES_VARIABLE] == "1"
