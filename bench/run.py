@@ -67,7 +67,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import ldmkit  # noqa: F401 - before torch: `import ldmkit` asks PyTorch for huge pages, as `ldmkit generate` gets them
+import ldmkit  # noqa: F401 - before torch: it asks PyTorch for huge pages, as `ldmkit generate` has them
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,7 +75,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldmkit import kernels
 from ldmkit.checkpoints.keys_unet_vae import unet_config_to_diffusers, vae_config_to_diffusers
-from ldmkit.cpu import HUGE_PAGES_VARIABLE, keep_freed_memory
+from ldmkit.cpu import HUGE_PAGES_VARIABLE, keep_freed_memory, linux_huge_page_mode
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldmkit.models import onednn
 from ldmkit.models.clip import CLIPTextConfig, CLIPTextModel, text_config_to_transformers
@@ -958,17 +958,11 @@ def environment(args) -> list[str]:
         f"- glibc malloc keeps freed large blocks (--malloc {args.malloc}): "
         f"{MALLOC_POLICIES[args.malloc] if platform.libc_ver()[0] == 'glibc' else 'no: the C library is not glibc'}",
         f"- PyTorch huge pages for tensors of 2 MiB and more (THP_MEM_ALLOC_ENABLE, as `import ldmkit` sets it): "
-        f"{os.environ.get(HUGE_PAGES_VARIABLE, 'unset')}; Linux transparent huge pages: {_linux_thp()}, for every variant",
+        f"{os.environ.get(HUGE_PAGES_VARIABLE, 'unset')}; Linux transparent huge pages: {linux_huge_page_mode()}, for every variant",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
         f"- runs: median of {args.runs} after {args.warmup} warm-up call(s) per variant; pipelines: "
         f"{args.pipeline_runs} run(s), no warm-up",
     ]
-
-
-def _linux_thp() -> str:
-    """The kernel's transparent huge page mode (the bracketed word of its sysfs setting)."""
-    text = _read("/sys/kernel/mm/transparent_hugepage/enabled")
-    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else "unknown"
 
 
 def _read(path: str) -> str:

@@ -54,6 +54,16 @@ def keep_freed_memory(keep: bool = True) -> bool:
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 
+def linux_huge_page_mode() -> str:
+    """Linux's transparent huge page mode: "always", "madvise" (on request, as PyTorch asks),
+    "never", or "unknown" where there is no such setting."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else "unknown"
+
+
 def request_huge_pages() -> bool:
     """Ask PyTorch for huge pages (see the note above) unless the environment already says either
     way; `import ldmkit` does it. Only takes effect before torch is imported: returns whether it

@@ -133,7 +133,16 @@ void raise_row_max(const float* scores, int valid, float c, float* m, float* l, 
 
 // 2^(f/128) for f = 0..127 as bf16 mantissas: f - kMantissaDrop[f] is the 7-bit mantissa of the
 // bf16 nearest to 2^(f/128) (2^x lies below the chord 1 + x, so the drop is 0..11)
-alignas(64) constexpr int8_t kMantissaDrop[128] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 10, 10, 10, 10, 10, 10, 10, 10, 10, 9, 9, 9, 9, 9, 9, 9, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 1, 1, 1, 0};
+alignas(64) constexpr int8_t kMantissaDrop[128] = {
+    0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4,
+    4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 8,
+    8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10,
+    10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11,
+    11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11,
+    11, 11, 10, 10, 10, 10, 10, 10, 10, 10, 10, 9, 9, 9, 9, 9,
+    9, 9, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 6, 6, 6, 6,
+    5, 5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 1, 1, 1, 0,
+};
 
 // probs[:, j:j+32] = 2^(c*s - m) as bf16 for all 16 rows. This is the kernel's bottleneck (an
 // exponential per score), so it is computed straight into bf16 bits: y = 128 (c*s - m) + 127*128,
@@ -414,7 +423,6 @@ struct View {  // a (B, H, tokens, width) bf16 tensor: element strides of its fi
   long sb, sh, sn;
   uint16_t* row(long b, long h, long n) const { return data + b * sb + h * sh + n * sn; }
 };
-
 
 // sum of squares of the bf16 values in x (bf16 is the top half of a float32)
 inline __m512 squares(__m512i x, __m512 acc) {

@@ -13,8 +13,8 @@ inline __mmask16 mask_from(long n) {
 
 // 2^x = 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5). vreduceps
 // gives frac = x - floor(x) in one instruction, and scalef takes floor(x) itself: 5 instructions in
-// all (this is the inner loop of the attention kernel's softmax). scalef takes exponents far below
-// -126 to 0 (or subnormals) and far above 127 to inf by itself.
+// all (GroupNorm's SiLU). scalef takes exponents far below -126 to 0 (or subnormals) and far above
+// 127 to inf by itself.
 inline __m512 exp2_approx(__m512 x) {
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // keep 0 bits, round down
   __m512 p = _mm512_set1_ps(0.07803769f);
