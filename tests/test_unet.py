@@ -64,6 +64,48 @@ def test_conditional_unet_matches_diffusers(kwargs):
     assert worst < TOL
 
 
+def _first_conv_batches(model: UNet) -> list[int]:
+    """The batch sizes conv_in sees, call by call."""
+    seen = []
+    model.conv_in.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("kwargs", [SMALL_SD1, SMALL_SD2, SMALL_INPAINT], ids=["sd1", "sd2", "inpaint"])
+def test_cfg_batch_runs_its_shared_start_once_and_matches_diffusers(kwargs):
+    # a CFG batch [x, x] under two contexts: the layers before the first cross-attention run on x
+    # once, and both halves still equal diffusers' full-batch output
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**kwargs).eval()
+    ours = _ours_from(theirs)
+    batches = _first_conv_batches(ours)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, kwargs.get("in_channels", 4), 16, 16, generator=g).repeat(2, 1, 1, 1)  # (4, C, 16, 16)
+    ctx = torch.randn(4, 7, kwargs["cross_attention_dim"], generator=g)
+    t = torch.tensor([3.7, 812.25, 3.7, 812.25])
+    with torch.no_grad():
+        expected = theirs(x, t, ctx).sample
+        got = ours(x, t, ctx)
+    assert batches == [2]
+    assert (expected[:2] - expected[2:]).abs().max() > 1e-2  # the contexts make the halves differ
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_shared_start_only_where_the_halves_repeat_in_inference():
+    torch.manual_seed(0)
+    model = UNet(unet_preset("tiny")).eval()
+    batches = _first_conv_batches(model)
+    x = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1)
+    ctx = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        model(x, torch.tensor([5.0, 5.0]), ctx)
+        model(x, torch.tensor([5.0, 6.0]), ctx)  # two timesteps
+        model(torch.randn(2, 4, 8, 8), 5.0, ctx)  # two latents
+    model(x, 5.0, ctx)  # grad enabled: each row must get its own gradient
+    assert batches == [1, 2, 2, 2]
+
+
 @pytest.mark.oracle
 def test_conditional_unet_odd_latent_size_matches_diffusers():
     torch.manual_seed(0)
@@ -191,6 +233,8 @@ def test_user_errors_are_ldmkit_errors():
         model(x, 1.0)
     with pytest.raises(InvalidArgument, match="context"):
         model(x, 1.0, torch.randn(2, 3, 16))
+    with pytest.raises(InvalidArgument, match="one per latent"):
+        model(x, 1.0, torch.randn(1, 3, 32))
     with pytest.raises(InvalidArgument, match="timestep"):
         model(x, None, ctx)
     with pytest.raises(InvalidArgument, match=r"\(2,\)"):

@@ -69,6 +69,13 @@ def plus_output(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     return residual + layer(x) if fused is None else fused(x, residual)
 
 
+def repeat_rows(x: Tensor, batch: int) -> Tensor:
+    """x (b, ...) as (batch, ...), `batch` a multiple of b, row j being x's row j mod b: where a CFG
+    batch [uncond, cond], whose first layers ran once for both halves (`UNet`'s shared start),
+    becomes two halves again."""
+    return x if x.shape[0] == batch else torch.cat([x] * (batch // x.shape[0]))  # keeps channels_last
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding added between (DDPM, Ho et al. 2020).
 
@@ -215,6 +222,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = self.attn1(layer_norm(x, self.norm1), residual=x)  # (B, N, C)
+        if context is not None:  # rows that a CFG batch's halves shared (UNet's shared start) split here
+            x = repeat_rows(x, context.shape[0])
         x = self.attn2(layer_norm(x, self.norm2), context, residual=x)  # (B, N, C)
         return self.ff(layer_norm(x, self.norm3), residual=x)  # (B, N, C)
 
@@ -262,7 +271,8 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, context)  # (B, HW, C)
         if self.linear_projection:
             tokens = self.proj_out(tokens)
-        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        out = tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)  # (B', C, H, W), B' = context's batch
+        x = repeat_rows(x, out.shape[0])
         if self.linear_projection:
             return x + out
         return plus_output(self.proj_out, out, x)
