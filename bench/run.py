@@ -4,7 +4,9 @@ models with random weights (the same weights on both sides), on the CPU.
 
 Workloads (each timed for every variant, in one process, variants alternating):
 
-    unet      one U-Net call: batch 2 (classifier-free guidance), 4x64x64 latents, 77x768 context
+    unet      one U-Net call: batch 2 (classifier-free guidance: one 4x64x64 latent under two 77x768
+              contexts, as samplers call it; ldmkit runs the layers before the first cross-attention
+              once for both, `UNet._shared_start`), and ldmkit bf16 packed on two distinct latents
     vae       VAE decode of one 4x64x64 latent to a 512x512 image
     text      CLIP text encoding of a batch of 2 x 77 tokens
     pipeline  a whole 20-step 512x512 txt2img with DPM-Solver++(2M) and CFG 7.5 (--skip-pipeline)
@@ -100,6 +102,7 @@ D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit f
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
 LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on AMX CPUs
 LBF = LPK if cpu_has_amx() else L16  # the bf16 U-Net load_pipeline builds on this CPU: the pipelines' bf16 variant
+LP2 = f"{LPK}, distinct latents"  # the U-Net step on a batch whose rows all differ: no shared start
 LPS = f"{LBF} SDPA"  # that with PyTorch's attention kernel in place of ours
 LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
 L16G = "ldmkit bf16 CL PyTorch GN"
@@ -417,11 +420,15 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
     cfg = m.unet.config
     side = sizes.image // m.vae.config.downscale
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(sizes.batch, cfg.in_channels, side, side, generator=g)  # (B, 4, h, w)
+    # a CFG step as samplers make it: each latent twice, under the negative and the positive prompt
+    latents = torch.randn(sizes.batch // 2, cfg.in_channels, side, side, generator=g)
+    x = latents.repeat(2, 1, 1, 1)  # (B, 4, h, w)
     ctx = torch.randn(sizes.batch, 77, cfg.context_dim, generator=g)  # (B, 77, D)
     t = torch.full((sizes.batch,), 500.0)
     x16, ctx16 = x.to(BF16).contiguous(memory_format=CL), ctx.to(BF16)
     x_cl = x.contiguous(memory_format=CL)
+    distinct = torch.randn(x.shape, generator=g)  # a batch with no shared start
+    distinct16 = distinct.to(BF16).contiguous(memory_format=CL)
 
     def d32():
         return m.d_unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
@@ -434,14 +441,17 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
                 L16: lambda: m.unet16(x16, t, ctx16)}
     if m.unet_packed is not None:
         variants[LPK] = lambda: m.unet_packed(x16, t, ctx16)
+        variants[LP2] = lambda: m.unet_packed(distinct16, t, ctx16)
     if kernels.attention_kernel():
         variants[LPS] = kernel_off(kernels.set_attention_kernel, variants[LBF])
     if kernels.group_norm_kernel_available():
         variants[LPG] = kernel_off(kernels.set_group_norm_kernel, variants[LBF])
     if compile_:
         variants[LCO] = lambda: m.unet_compiled(x16, t, ctx16)
-    what = f"batch {sizes.batch}, {cfg.in_channels}x{side}x{side} latents, 77x{cfg.context_dim} context"
-    return Workload("U-Net step", what, variants, count_flops(lambda: m.unet(x, t, ctx)))
+    what = (f"CFG batch {sizes.batch}: {len(latents)} {cfg.in_channels}x{side}x{side} latent(s), each under two "
+            f"77x{cfg.context_dim} contexts")
+    # the whole batch's work, as diffusers does it: ldmkit's shared start skips about 3% of it (SD 1.5)
+    return Workload("U-Net step", what, variants, count_flops(lambda: m.unet(distinct, t, ctx)))
 
 
 def vae_workload(m: Models, sizes: Sizes) -> Workload:

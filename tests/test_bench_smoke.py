@@ -38,7 +38,8 @@ def test_bench_smoke_writes_the_report(tmp_path):
 
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     gn_kernel = kernels.group_norm_kernel_available()  # + "... PyTorch GN" variants
-    unet_variants = 5 + PACKED + bool(kernels.attention_kernel()) + gn_kernel  # + "... SDPA"
+    # + "... distinct latents" with packed, + "... SDPA"
+    unet_variants = 5 + 2 * PACKED + bool(kernels.attention_kernel()) + gn_kernel
     for workload, variants in (("U-Net step", unet_variants), ("VAE decode", 5 + gn_kernel), ("text encode", 4)):
         timed = [r for r in rows if r.startswith(f"| {workload} ")]
         assert len(timed) == variants, f"{workload}: {timed}"
