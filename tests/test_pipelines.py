@@ -250,6 +250,19 @@ def test_negative_prompt_and_seed_change_the_image(parts):
     assert (a - sd.txt2img(PROMPT, seed=2, **kwargs)).abs().max() > 1e-3
 
 
+def test_txt2img_projects_the_text_once(parts):
+    sd = parts["ours"]
+    attn2 = [m for name, m in sd.unet.named_modules() if name.endswith("attn2")]
+    projections = []
+    hooks = [a.to_k.register_forward_hook(lambda module, args, out: projections.append(1)) for a in attn2]
+    try:
+        sd.txt2img(PROMPT, sampler="euler", steps=3, height=32, width=32, seed=0, output="tensor")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(projections) == len(attn2) > 0  # 3 steps, one projection of the text per layer
+
+
 def test_outputs_and_callback(parts):
     sd = parts["ours"]
     seen = []

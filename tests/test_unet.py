@@ -106,6 +106,38 @@ def test_shared_start_only_where_the_halves_repeat_in_inference():
     assert batches == [1, 2, 2, 2]
 
 
+def test_reusing_context_projects_each_context_once():
+    torch.manual_seed(0)
+    model = UNet(unet_preset("tiny")).eval()
+    attn2 = [m for name, m in model.named_modules() if name.endswith("attn2")]
+    projections = []
+    for a in attn2:
+        a.to_k.register_forward_hook(lambda module, args, out: projections.append(1))
+    x, ctx, other = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        expected, expected_other = model(x, 5.0, ctx), model(x, 7.0, other)
+        projections.clear()
+        with model.reusing_context():
+            first = model(x, 5.0, ctx)
+            again = model(x, 7.0, ctx.clone())  # an equal context: the keys and values are kept
+            assert len(projections) == len(attn2)
+            changed = model(x, 7.0, other)
+            assert len(projections) == 2 * len(attn2)
+            other.mul_(2)  # changed in place: no longer the context the memos were made from
+            model(x, 7.0, other)
+            assert len(projections) == 3 * len(attn2)
+            other.div_(2)
+        assert all(a.context_memo is None for a in attn2)
+    assert torch.equal(first, expected) and torch.equal(changed, expected_other)
+    assert torch.equal(again, model(x, 7.0, ctx).detach())
+    with model.reusing_context():  # with gradients every call projects, and they flow to the context
+        ctx.requires_grad_(True)
+        projections.clear()
+        model(x, 5.0, ctx).sum().backward()
+        model(x, 5.0, ctx).sum().backward()
+    assert len(projections) == 2 * len(attn2) and ctx.grad is not None
+
+
 @pytest.mark.oracle
 def test_conditional_unet_odd_latent_size_matches_diffusers():
     torch.manual_seed(0)

@@ -136,6 +136,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        # a cross-attention's keys and values of one context, kept between calls while the U-Net
+        # that owns it says so (`UNet.reusing_context`); None: project the context at every call
+        self.context_memo: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def _keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        memo = self.context_memo
+        if memo is None or torch.is_grad_enabled():
+            return self.to_k(context), self.to_v(context)
+        if "kv" not in memo:
+            memo["kv"] = self.to_k(context), self.to_v(context)
+        return memo["kv"]
 
     def attend(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         """x: (B, N, query_dim), context: (B, M, context_dim) or None -> (B, N, query_dim),
@@ -143,8 +154,9 @@ class Attention(nn.Module):
         context = x if context is None else context
         b, n, _ = x.shape
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, nh, N, hd)
-        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
-        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
+        k, v = self._keys_values(context)
+        k = k.view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
+        v = v.view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, M, hd)
         out = attention(q, k, v)  # (B, nh, N, hd)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, nh*hd)
         return _project(self.to_out, out, residual)  # (B, N, query_dim)

@@ -20,7 +20,8 @@ Attribute names mirror diffusers' state-dict keys, so diffusers weights load wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from ldmkit.errors import InvalidArgument, check_choice
 from ldmkit.kernels import group_norm
 from ldmkit.models.layers import (
+    BasicTransformerBlock,
     Downsample,
     MidBlock,
     ResnetBlock,
@@ -236,6 +238,8 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
+        self._memo_attentions: list[nn.Module] | None = None  # the cross-attentions, in `reusing_context`
+        self._memo_context: Tensor | None = None  # the context whose keys and values they hold
         if config.architecture == "basic":
             self._build_basic(config)
         else:
@@ -326,11 +330,44 @@ class UNet(nn.Module):
             got = None if context is None else tuple(context.shape)
             raise InvalidArgument(f"context must be ({batch}, M, {c.context_dim}), one per latent; got {got}")
 
+    @contextmanager
+    def reusing_context(self) -> Iterator[None]:
+        """Within this block, each cross-attention projects a text context to keys and values once
+        and reuses them while the calls pass an equal context, as a sampler does at every step
+        (SD 1.5: 32 projections, about 6 ms of a 1 s step on 2 cores). Calls that need gradients
+        project as usual. The weights must not change inside the block."""
+        outer = self._memo_attentions, self._memo_context
+        self._memo_attentions = [b.attn2 for b in self.modules() if isinstance(b, BasicTransformerBlock)]
+        self._memo_context = None
+        for attention in self._memo_attentions:
+            attention.context_memo = {}
+        try:
+            yield
+        finally:
+            for attention in self._memo_attentions:
+                attention.context_memo = None
+            self._memo_attentions, self._memo_context = outer
+            for attention in self._memo_attentions or ():  # an enclosing block's memos, emptied
+                attention.context_memo = {}
+
+    def _remember_context(self, context: Tensor | None) -> None:
+        """Inside `reusing_context`: the cross-attentions forget the keys and values of any other
+        context than this call's."""
+        if self._memo_attentions is None or context is None or torch.is_grad_enabled():
+            return
+        seen = self._memo_context
+        if seen is not None and seen.shape == context.shape and seen.dtype == context.dtype and torch.equal(seen, context):
+            return
+        self._memo_context = context.clone()  # a copy: the caller may change its tensor in place
+        for attention in self._memo_attentions:
+            attention.context_memo.clear()
+
     def _forward_unet(
         self, x: Tensor, t: Tensor | float | None, context: Tensor | None, class_labels: Tensor | None
     ) -> Tensor:
         temb = self._embed_time(x, t, class_labels)
         self._check_context(context, x.shape[0])
+        self._remember_context(context)
         if self._halves_repeat(x, temb, context):
             h, skips = self._shared_start(x[:x.shape[0] // 2], temb, context)
         else:

@@ -292,7 +292,8 @@ class StableDiffusion:
         def on_step(i: int, x_i: torch.Tensor) -> None:
             user_callback(i, x_i / math.sqrt(1 + float(plan.sigmas[i + 1]) ** 2))
 
-        out = plan.run(denoiser, x, eta=eta, generator=generator, callback=on_step if callback else None)
+        with self.unet.reusing_context():  # the text's keys and values once, not at every step
+            out = plan.run(denoiser, x, eta=eta, generator=generator, callback=on_step if callback else None)
         latents = plan.to_vp(out)
         _check_finite(latents, "latents")
         return latents
