@@ -388,7 +388,7 @@ class UNet(nn.Module):
         may run once for both halves: in inference, where the first down block has cross-attention."""
         b = x.shape[0] // 2
         first = self.down_blocks[0]
-        return (x.shape[0] % 2 == 0 and b > 0 and context is not None and first.attentions
+        return (x.shape[0] % 2 == 0 and b > 0 and context is not None and len(first.attentions) > 0
                 and isinstance(first.attentions[0], SpatialTransformer)
                 and not self.training and not torch.is_grad_enabled()
                 and torch.equal(x[:b], x[b:]) and torch.equal(temb[:b], temb[b:]))
