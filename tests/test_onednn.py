@@ -9,7 +9,7 @@ from torch import nn
 
 from ldmkit import kernels
 from ldmkit.models import onednn
-from ldmkit.models.layers import GEGLU
+from ldmkit.models.layers import GEGLU, Upsample
 from ldmkit.models.unet import UNet, unet_preset
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN kernels")
@@ -63,7 +63,8 @@ def test_prepack_gives_wide_3x3_convolutions_to_the_amx_kernel(monkeypatch):
     monkeypatch.setattr(onednn, "AMX_CONV_MIN_CHANNELS", 32)
     plain = tiny_unet(torch.bfloat16)
     packed = onednn.prepack(copy.deepcopy(plain))
-    amx = [name for name, m in packed.named_modules() if isinstance(m, onednn.AmxConv2d)]
+    # an upsampler's 3x3 convolution is its PackedUpsample's `direct` way
+    amx = [name.replace(".direct", ".conv") for name, m in packed.named_modules() if isinstance(m, onednn.AmxConv2d)]
     convs = [name for name, m in plain.named_modules() if isinstance(m, nn.Conv2d)
              and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.out_channels % 64 == 0 and m.in_channels % 32 == 0]
     assert amx == convs and amx
@@ -101,6 +102,34 @@ def test_packed_geglu_fuses_gelu_and_product_exactly_enough():
     with torch.no_grad():
         assert rel_err(packed(x), geglu(x)) < 1e-5
         assert rel_err(packed(view), geglu(view)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=NEEDS_BF16)])
+def test_packed_upsample_gives_the_plain_result_through_its_parities(dtype, tol):
+    torch.manual_seed(0)
+    up = Upsample(64).eval().to(dtype)
+    packed = onednn.PackedUpsample(up)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, 16, 20, generator=g).to(dtype).contiguous(memory_format=CL)  # 640 pixels: the parities
+    small = torch.randn(1, 64, 8, 8, generator=g).to(dtype)  # 64 pixels: the plain way
+    with torch.no_grad():
+        assert packed.phases is None and rel_err(packed(small), up(small)) < tol and packed.phases is None
+        got = packed(x)
+        assert packed.phases is not None  # made at the first call that takes it
+        assert got.shape == (2, 64, 32, 40) and got.is_contiguous(memory_format=CL)
+        assert rel_err(got, up(x)) < tol
+        assert rel_err(packed(x, size=(31, 40)), up(x, size=(31, 40))) < tol  # to meet an odd skip
+        assert rel_err(packed(x, size=(32, 40)), up(x, size=(32, 40))) < tol
+    x.requires_grad_(True)
+    packed(x).float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_upsample_phase_weight_sums_the_taps_each_parity_sees():
+    weight = torch.arange(9.0).view(1, 1, 3, 3)  # rows (0 1 2) (3 4 5) (6 7 8)
+    phases = onednn.upsample_phase_weight(weight).view(2, 2, 2, 2)  # (py, px, a, b)
+    assert phases[0, 0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    assert phases[1, 1].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
 
 
 def test_strided_inputs_give_the_plain_result():
