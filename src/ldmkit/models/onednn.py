@@ -146,7 +146,8 @@ def _plain_3x3(conv: nn.Conv2d) -> bool:
 
 
 def _amx_conv_takes(conv: nn.Conv2d) -> bool:
-    return (_plain_3x3(conv) and conv.weight.dtype == torch.bfloat16 and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0
+    return (_plain_3x3(conv) and conv.weight.dtype == torch.bfloat16
+            and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0
             and conv.out_channels >= AMX_CONV_MIN_CHANNELS and kernels.conv_kernel_available())
 
 
@@ -204,7 +205,7 @@ def upsample_phase_weight(weight: Tensor) -> Tensor:
     are summed in float32 and rounded once."""
     taps = torch.tensor(_PARITY_TAPS, dtype=torch.float32)  # (parity, a, tap)
     phases = torch.einsum("pay,ocyx,qbx->pqocab", taps, weight.detach().float(), taps)  # (2, 2, O, C, 2, 2)
-    return phases.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).to(weight.dtype)
+    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
 
 
 class PackedUpsample(nn.Module):
