@@ -42,12 +42,17 @@ def _ours_from(diffusers_model) -> UNet:
     return ours
 
 
+def _seeded_pair(kwargs: dict):
+    """A seeded random diffusers UNet2DConditionModel built from kwargs, and ours with its weights."""
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**kwargs).eval()
+    return theirs, _ours_from(theirs)
+
+
 @pytest.mark.oracle
 @pytest.mark.parametrize("kwargs", [SMALL_SD1, SMALL_SD2, SMALL_INPAINT], ids=["sd1", "sd2", "inpaint"])
 def test_conditional_unet_matches_diffusers(kwargs):
-    torch.manual_seed(0)
-    theirs = diffusers.UNet2DConditionModel(**kwargs).eval()
-    ours = _ours_from(theirs)
+    theirs, ours = _seeded_pair(kwargs)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, kwargs.get("in_channels", 4), 16, 16, generator=g)
     ctx = torch.randn(3, 7, kwargs["cross_attention_dim"], generator=g)
@@ -76,9 +81,7 @@ def _first_conv_batches(model: UNet) -> list[int]:
 def test_cfg_batch_runs_its_shared_start_once_and_matches_diffusers(kwargs):
     # a CFG batch [x, x] under two contexts: the layers before the first cross-attention run on x
     # once, and both halves still equal diffusers' full-batch output
-    torch.manual_seed(0)
-    theirs = diffusers.UNet2DConditionModel(**kwargs).eval()
-    ours = _ours_from(theirs)
+    theirs, ours = _seeded_pair(kwargs)
     batches = _first_conv_batches(ours)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, kwargs.get("in_channels", 4), 16, 16, generator=g).repeat(2, 1, 1, 1)  # (4, C, 16, 16)

@@ -217,17 +217,16 @@ class PackedUpsample(nn.Module):
 
     def __init__(self, up: Upsample):
         super().__init__()
-        self.direct = _packed(up.conv)
-        self.bias = None if up.conv.bias is None else up.conv.bias.detach()
+        self.conv = _packed(up.conv)  # the plain way's convolution, under Upsample's name
         self.phases: PackedConv2d | None = None  # made at the first call that takes it: 16/9 of the weight's memory
 
     def _phase_conv(self) -> PackedConv2d:
         if self.phases is None:
-            weight = upsample_phase_weight(self.direct.dense_weight())
-            conv = nn.Conv2d(weight.shape[1], weight.shape[0], 2, padding=1, bias=self.bias is not None, device="meta")
+            weight, bias = upsample_phase_weight(self.conv.dense_weight()), self.conv.bias
+            conv = nn.Conv2d(weight.shape[1], weight.shape[0], 2, padding=1, bias=bias is not None, device="meta")
             conv.weight = nn.Parameter(weight, requires_grad=False)
-            if self.bias is not None:
-                conv.bias = nn.Parameter(self.bias.repeat(4), requires_grad=False)
+            if bias is not None:
+                conv.bias = nn.Parameter(bias.repeat(4), requires_grad=False)
             self.phases = PackedConv2d(conv)
         return self.phases
 
@@ -235,7 +234,7 @@ class PackedUpsample(nn.Module):
         b, _, h, w = x.shape
         if (_needs_grad(x) or (size is not None and tuple(size) != (2 * h, 2 * w))
                 or b * h * w < PHASES_MIN_PIXELS):
-            return self.direct(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+            return Upsample.forward(self, x, size)
         o = self._phase_conv()(x)  # (B, 4 C, H + 1, W + 1)
         c = o.shape[1] // 4
         out = torch.empty(b, c, 2 * h, 2 * w, dtype=o.dtype, memory_format=torch.channels_last)
