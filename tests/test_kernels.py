@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit import kernels
-from ldmkit.models.layers import Attention, BasicTransformerBlock, ResnetBlock
+from ldmkit.models.layers import GEGLU, Attention, BasicTransformerBlock, ResnetBlock
 
 attention_kernel = pytest.mark.skipif(not kernels.attention_kernel(), reason="no AVX512-BF16, g++ or Linux here")
 # the product paths this CPU runs: amx=True takes AMX tiles where they are, amx=False never
@@ -361,3 +361,53 @@ def test_conv3x3_kernel_matches_pytorch(shape, out_channels, channels_last, with
     assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
     assert ours.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)  # one bf16 rounding: 1.7e-3
+
+
+def test_geglu_weight_tiles_take_each_32_channels_values_then_gates():
+    w, b = torch.randn(2 * 96, 64).bfloat16(), torch.randn(2 * 96)
+    tiles, bias = kernels.pack_geglu_weight(w, b)
+    assert tiles.shape == (12, 2, 16, 16, 2) and bias.dtype == torch.float32
+    # packed column 64 q + j: value channel 32 q + j for j < 32, gate channel 32 q + j - 32 after
+    packed = kernels.unpack_linear_weight(tiles)
+    assert torch.equal(packed[64 + 5], w[32 + 5]) and torch.equal(packed[64 + 32 + 5], w[96 + 32 + 5])
+    assert bias[64 + 32 + 5] == b[96 + 32 + 5].float()
+    assert torch.equal(kernels.unpack_geglu_weight(tiles), w)
+
+
+@conv_kernel
+@pytest.mark.parametrize("shape,inner", [
+    ((2, 256, 320), 1280),  # an SD 1.5 feed-forward's input width and expansion
+    ((2, 77, 64), 96),  # ragged: the last tile partly past the rows; three quads of columns
+    ((5, 32), 64),  # fewer rows than a tile
+    ((1600, 32), 64),  # several groups of rows per pass over the weights
+])
+def test_geglu_kernel_matches_pytorch(shape, inner):
+    torch.manual_seed(0)
+    geglu = GEGLU(shape[-1], inner).bfloat16()
+    x = (torch.randn(shape) * 2).bfloat16()
+    with torch.no_grad():
+        ref = GEGLU.apply_projection(F.linear(x.float(), geglu.proj.weight.float(), geglu.proj.bias.float()))
+        theirs = geglu(x)
+        ours = kernels.geglu(x, *kernels.pack_geglu_weight(geglu.proj.weight, geglu.proj.bias))
+    assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
+    assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)  # one bf16 rounding, where PyTorch rounds thrice
+
+
+@conv_kernel
+def test_geglu_kernel_gelu_is_exact_to_bf16_rounding():
+    """Values of 1 and gates equal to the input: the output is GELU(x), rounded once. Where the exact
+    GELU lies near the middle between two bf16 numbers the approximation may round the other way."""
+    x = torch.linspace(-12, 12, 32 * 301).bfloat16().reshape(-1, 32)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    weight = torch.cat([torch.zeros(32, 32), torch.eye(32)]).bfloat16()  # [value; gate]
+    bias = torch.cat([torch.ones(32), torch.zeros(32)])
+    with torch.no_grad():
+        ours = kernels.geglu(x, *kernels.pack_geglu_weight(weight, bias)).float()
+    exact = x.double() * torch.special.erfc(-x.double() / 2 ** 0.5) / 2  # F.gelu's 1 + erf cancels far left
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp(min=1e-30)
+    # at most one bf16 step from the exact value, but far left, where GELU is below 1e-8 and A&S's
+    # erfc loses relative accuracy (1-3% at x < -5)
+    assert ((ours - exact).abs() <= ulp + 1e-8).all()
+    # and nearly always the nearest (98.4% here: exp2_approx's 8e-5 tips values near a midpoint)
+    meaningful = exact.abs() > 1e-6
+    assert (ours == exact.bfloat16().double())[meaningful].double().mean() > 0.97

@@ -103,6 +103,25 @@ def test_packed_geglu_fuses_gelu_and_product_exactly_enough():
         assert rel_err(packed(view), geglu(view)) < 1e-5
 
 
+@pytest.mark.skipif(not kernels.conv_kernel_available(), reason="no AMX, g++ or Linux here")
+def test_prepack_gives_bf16_geglus_to_the_amx_kernel_with_the_plain_outputs_and_gradients():
+    plain = tiny_unet(torch.bfloat16)
+    packed = onednn.prepack(copy.deepcopy(plain))
+    geglus = [name for name, m in plain.named_modules() if isinstance(m, GEGLU)]
+    assert geglus and [name for name, m in packed.named_modules() if isinstance(m, onednn.AmxGEGLU)] == geglus
+    assert not any(isinstance(m, onednn.AmxGEGLU) for m in onednn.prepack(tiny_unet(torch.float32)).modules())
+    geglu, amx = plain.get_submodule(geglus[0]), packed.get_submodule(geglus[0])
+    x = torch.randn(2, 40, geglu.proj.in_features).bfloat16()
+    with torch.no_grad():
+        assert rel_err(amx(x), copy.deepcopy(geglu).float()(x.float())) < 3e-3
+    grads = []
+    for layer in (geglu, amx):
+        x_in = x.clone().requires_grad_(True)
+        (layer(x_in).float() ** 2).sum().backward()
+        grads.append(x_in.grad)
+    assert rel_err(grads[1], grads[0]) < 1e-2
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 1e-2, marks=NEEDS_BF16)])
 def test_packed_upsample_gives_the_plain_result_through_its_parities(dtype, tol):
     torch.manual_seed(0)

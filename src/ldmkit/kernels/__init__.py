@@ -10,7 +10,10 @@
   each bf16 row on AVX-512 through `layer_norm.cpp` when it can;
 - `conv3x3(x, tiles, bias, residual)` is a 3x3 convolution (stride 1, padding 1) of a bf16
   feature map plus its bias (and a residual) on AMX tiles through `conv.cpp`, for the weight-heavy
-  convolutions `models.onednn.prepack` hands it (weights packed once by `pack_conv3x3_weight`).
+  convolutions `models.onednn.prepack` hands it (weights packed once by `pack_conv3x3_weight`);
+- `geglu(x, tiles, bias)` is a GEGLU feed-forward projection, value * GELU(gate), as one GEMM on
+  AMX tiles with the GELU and the product in its epilogue, through the same `conv.cpp` (a linear
+  layer is its convolution with one tap; weights packed once by `pack_geglu_weight`).
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
@@ -113,6 +116,9 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_conv3x3.restype = ctypes.c_int
         lib.ldm_conv3x3.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
                                     + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+        lib.ldm_geglu.restype = ctypes.c_int
+        lib.ldm_geglu.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                  + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     elif name == "layer_norm":
         lib.ldm_layer_norm.restype = ctypes.c_int
         lib.ldm_layer_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -143,7 +149,7 @@ def layer_norm_kernel_available() -> bool:
 
 
 def conv_kernel_available() -> bool:
-    """Whether `conv3x3` can run here (AMX, g++, Linux) and LDMKIT_CONV_KERNEL is not 0."""
+    """Whether `conv3x3` and `geglu` can run here (AMX, g++, Linux) and LDMKIT_CONV_KERNEL is not 0."""
     return _enabled["conv"] and _load("conv") is not None
 
 
@@ -241,19 +247,47 @@ def _layer_norm_eligible(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters()))))
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An (N, K) weight in bf16 AMX B tiles (N/16, K/32, 16, 16, 2): the reduction in pairs, 16 output
+    columns per tile row. K a multiple of 32, N of 16."""
+    n, k = weight.shape
+    return weight.detach().to(torch.bfloat16).reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def unpack_linear_weight(tiles: torch.Tensor) -> torch.Tensor:
+    """The (N, K) weight of `pack_linear_weight`'s tiles."""
+    return tiles.permute(0, 3, 1, 2, 4).reshape(tiles.shape[0] * 16, tiles.shape[1] * 32)
+
+
 def pack_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, C, 3, 3) weights as `conv3x3` reads them: (O, 9C) with the reduction over (dy, dx, c), in
-    bf16 AMX B tiles (O/16, 9C/32, 16, 16, 2): the reduction in pairs, 16 output channels per tile
-    row. C a multiple of 32, O of 64."""
+    """(O, C, 3, 3) weights as `conv3x3` reads them: the linear weight (O, 9C) with the reduction over
+    (dy, dx, c), in `pack_linear_weight`'s tiles. C a multiple of 32, O of 64."""
     o, c = weight.shape[:2]
-    rows = weight.detach().to(torch.bfloat16).permute(0, 2, 3, 1).reshape(o, 9 * c)
-    return rows.view(o // 16, 16, 9 * c // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return pack_linear_weight(weight.detach().permute(0, 2, 3, 1).reshape(o, 9 * c))
 
 
 def unpack_conv3x3_weight(tiles: torch.Tensor) -> torch.Tensor:
     """The (O, C, 3, 3) weights of `pack_conv3x3_weight`'s tiles."""
-    o, k = tiles.shape[0] * 16, tiles.shape[1] * 32
-    return tiles.permute(0, 3, 1, 2, 4).reshape(o, 3, 3, k // 9).permute(0, 3, 1, 2)
+    rows = unpack_linear_weight(tiles)
+    return rows.reshape(rows.shape[0], 3, 3, -1).permute(0, 3, 1, 2)
+
+
+def _geglu_order(rows: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """A GEGLU projection's rows [values; gates] (2I, ...) as `geglu`'s tiles take them, each 32 output
+    channels' values then their gates (and, with `back`, that order undone)."""
+    halves = (2, -1, 32) if not back else (-1, 2, 32)
+    return rows.reshape(*halves, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
+def pack_geglu_weight(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEGLU projection (weight (2I, K), bias (2I,), values first) as `geglu` reads it: B tiles and
+    a float32 bias. I a multiple of 32, K of 32."""
+    return pack_linear_weight(_geglu_order(weight.detach())), _geglu_order(bias.detach().float()).contiguous()
+
+
+def unpack_geglu_weight(tiles: torch.Tensor) -> torch.Tensor:
+    """The (2I, K) projection weight, values first, of `pack_geglu_weight`'s tiles."""
+    return _geglu_order(unpack_linear_weight(tiles), back=True)
 
 
 def conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,6 +309,23 @@ def conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor, residual: 
                              torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"the conv3x3 kernel refused x {tuple(x.shape)} with {o} output channels")
+    return out
+
+
+def geglu(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """value * GELU(gate) of the projection [value, gate] = x W^T + b, for bf16 x (..., K) and W, b as
+    `pack_geglu_weight` gives them; the GEMM on AMX tiles, the bias, GELU and product in its epilogue,
+    rounded to bf16 once. Inference only, where `conv_kernel_available()`."""
+    lib = _load("conv")
+    n, k = tiles.shape[0] * 16, tiles.shape[1] * 32
+    if lib is None or x.dtype != torch.bfloat16 or x.shape[-1] != k:
+        raise RuntimeError(f"geglu cannot run {x.dtype} x {tuple(x.shape)} against a {n}x{k} projection here")
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], n // 2)
+    status = lib.ldm_geglu(x.data_ptr(), x.numel() // k, k, tiles.data_ptr(), n, bias.data_ptr(), out.data_ptr(),
+                           torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"the geglu kernel refused x {tuple(x.shape)} against a {n}x{k} projection")
     return out
 
 

@@ -201,7 +201,12 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
+        return self.apply_projection(self.proj(x))
+
+    @staticmethod
+    def apply_projection(projected: Tensor) -> Tensor:
+        """value * GELU(gate) of the projection's output [value, gate] (B, N, 2 inner)."""
+        value, gate = projected.chunk(2, dim=-1)  # (B, N, inner) each
         return value * F.gelu(gate)
 
 
