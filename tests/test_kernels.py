@@ -411,3 +411,24 @@ def test_geglu_kernel_gelu_is_exact_to_bf16_rounding():
     # and nearly always the nearest (98.4% here: exp2_approx's 8e-5 tips values near a midpoint)
     meaningful = exact.abs() > 1e-6
     assert (ours == exact.bfloat16().double())[meaningful].double().mean() > 0.97
+
+
+@conv_kernel
+@pytest.mark.parametrize("shape,out_channels", [
+    ((2, 1280, 8, 8), 1280),  # SD 1.5's deepest upsampler: tiles over padded rows
+    ((2, 64, 16, 16), 128),  # tiles of whole image rows
+    ((1, 32, 5, 7), 64),  # ragged
+])
+def test_upsample_conv3x3_kernel_matches_upsampling_then_conv(shape, out_channels):
+    from ldmkit.models.onednn import upsample_phase_weight
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], out_channels, 3, padding=1).bfloat16()
+    x = feature_map(shape, channels_last=True)
+    tiles = kernels.pack_parity_weight(upsample_phase_weight(conv.weight))
+    with torch.no_grad():
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        ref = F.conv2d(up.float(), conv.weight.float(), conv.bias.float(), padding=1)
+        ours = kernels.upsample_conv3x3(x, tiles, conv.bias.float())
+        theirs = conv(up)
+    assert ours.shape == ref.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(ours, ref) < max(rel_err(theirs, ref), 3e-3)

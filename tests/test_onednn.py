@@ -143,6 +143,22 @@ def test_packed_upsample_gives_the_plain_result_through_its_parities(dtype, tol)
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.skipif(not kernels.conv_kernel_available(), reason="no AMX, g++ or Linux here")
+def test_packed_upsample_runs_its_parities_on_the_amx_kernel_where_its_convolution_is_there(monkeypatch):
+    monkeypatch.setattr(onednn, "AMX_CONV_MIN_CHANNELS", 64)
+    torch.manual_seed(0)
+    up = Upsample(64).eval().bfloat16()
+    packed = onednn.PackedUpsample(up)
+    assert isinstance(packed.conv, onednn.AmxConv2d)
+    calls = []
+    monkeypatch.setattr(kernels, "upsample_conv3x3", lambda *a, f=kernels.upsample_conv3x3: calls.append(1) or f(*a))
+    small = torch.randn(1, 64, 5, 7).bfloat16()  # 35 pixels: small maps too
+    with torch.no_grad():
+        assert rel_err(packed(small), up(small)) < 1e-2 and calls == [1]
+        assert packed.phases is None  # not oneDNN's
+        assert rel_err(packed(small, size=(9, 14)), up(small, size=(9, 14))) < 1e-2 and calls == [1]  # plain
+
+
 def test_upsample_phase_weight_sums_the_taps_each_parity_sees():
     weight = torch.arange(9.0).view(1, 1, 3, 3)  # rows (0 1 2) (3 4 5) (6 7 8)
     phases = onednn.upsample_phase_weight(weight).view(2, 2, 2, 2)  # (py, px, a, b)

@@ -116,6 +116,9 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_conv3x3.restype = ctypes.c_int
         lib.ldm_conv3x3.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
                                     + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+        lib.ldm_upsample_conv3x3.restype = ctypes.c_int
+        lib.ldm_upsample_conv3x3.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+                                             + [ctypes.c_void_p] * 3 + [ctypes.c_int])
         lib.ldm_geglu.restype = ctypes.c_int
         lib.ldm_geglu.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                                   + [ctypes.c_void_p] * 2 + [ctypes.c_int])
@@ -270,6 +273,35 @@ def unpack_conv3x3_weight(tiles: torch.Tensor) -> torch.Tensor:
     """The (O, C, 3, 3) weights of `pack_conv3x3_weight`'s tiles."""
     rows = unpack_linear_weight(tiles)
     return rows.reshape(rows.shape[0], 3, 3, -1).permute(0, 3, 1, 2)
+
+
+def pack_parity_weight(phases: torch.Tensor) -> torch.Tensor:
+    """The 2x2 kernels of an upsampler's four output parities (4 O, C, 2, 2), parity 2 py + px in
+    output channels [(2 py + px) O, (2 py + px + 1) O) (`onednn.upsample_phase_weight`), as
+    `upsample_conv3x3` reads them: per parity the (O, 4C) weight, reduction over (a, b, c), in
+    `pack_linear_weight`'s tiles."""
+    per_parity = phases.detach().reshape(4, -1, *phases.shape[1:]).permute(0, 1, 3, 4, 2)  # (4, O, a, b, C)
+    return torch.stack([pack_linear_weight(w.reshape(w.shape[0], -1)) for w in per_parity])
+
+
+def upsample_conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) for bf16 x
+    (B, C, H, W), as the four output parities' 2x2 convolutions of x on AMX tiles, each written in
+    place into the (B, O, 2H, 2W) channels_last result; `tiles` from `pack_parity_weight`, bias
+    float32 (O,). Inference only, where `conv_kernel_available()`."""
+    lib = _load("conv")
+    b, c, h, w = x.shape
+    o = tiles.shape[1] * 16
+    if lib is None or x.dtype != torch.bfloat16 or tiles.shape[0] != 4 or 4 * c != tiles.shape[2] * 32:
+        raise RuntimeError(f"upsample_conv3x3 cannot run {x.dtype} x {tuple(x.shape)} against {o}x{c} tiles here")
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(b, o, 2 * h, 2 * w, dtype=x.dtype, memory_format=torch.channels_last)
+    scratch = x.new_empty(lib.ldm_conv3x3_scratch(b, h, w, c))
+    status = lib.ldm_upsample_conv3x3(x.data_ptr(), b, h, w, c, tiles.data_ptr(), o, bias.data_ptr(), out.data_ptr(),
+                                      scratch.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"the upsample_conv3x3 kernel refused x {tuple(x.shape)} with {o} output channels")
+    return out
 
 
 def _geglu_order(rows: torch.Tensor, back: bool = False) -> torch.Tensor:

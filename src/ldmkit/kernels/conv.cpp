@@ -193,7 +193,12 @@ struct Padded {
   long rows() const { return B * PH * PW + 16 + 2 * PW + 2; }  // a last tile's taps stay inside
 };
 
-Rows conv_rows(const Padded& g, const uint16_t* padded) {
+// The GEMM rows of the output grid (B, H, W) over `padded`: a 3x3 convolution's (parity py < 0),
+// or those of output parity (py, px) of nearest 2x upsampling then a 3x3 convolution: output (2y +
+// py, 2x + px) of the (B, 2H, 2W) map sees low-resolution rows y - 1 + py + a and columns x - 1 + px
+// + b for a, b in {0, 1}, padded rows y + py + a: 4 taps whose weights sum the 3x3 kernel's
+// (onednn.upsample_phase_weight), written in place into the upsampled map.
+Rows conv_rows(const Padded& g, const uint16_t* padded, int py = -1, int px = -1) {
   Rows rows;
   const bool row_tiles = g.W % 16 == 0;  // else tiles over whole padded rows
   const long per_image = row_tiles ? g.H * (g.W / 16) : (g.H * g.PW + 15) / 16;
@@ -203,13 +208,21 @@ Rows conv_rows(const Padded& g, const uint16_t* padded) {
     rows.tile.push_back(padded + q0 * g.C);
     for (long q = q0; q < q0 + 16; ++q) {
       const long bq = q / (g.PH * g.PW), y = q % (g.PH * g.PW) / g.PW, x = q % g.PW;
-      rows.out_row.push_back(bq < g.B && y < g.H && x < g.W ? (bq * g.H + y) * g.W + x : -1);
+      const bool real = bq < g.B && y < g.H && x < g.W;
+      const long out = py < 0 ? (bq * g.H + y) * g.W + x : (bq * 2 * g.H + 2 * y + py) * 2 * g.W + 2 * x + px;
+      rows.out_row.push_back(real ? out : -1);
     }
   }
   rows.stride = g.C * 2;
   rows.width = g.C;
-  for (int dy = 0; dy < 3; ++dy)
-    for (int dx = 0; dx < 3; ++dx) rows.tap_offset[3 * dy + dx] = (dy * g.PW + dx) * g.C;
+  if (py < 0) {
+    for (int dy = 0; dy < 3; ++dy)
+      for (int dx = 0; dx < 3; ++dx) rows.tap_offset[3 * dy + dx] = (dy * g.PW + dx) * g.C;
+  } else {
+    rows.taps = 4;
+    for (int a = 0; a < 2; ++a)
+      for (int c = 0; c < 2; ++c) rows.tap_offset[2 * a + c] = ((py + a) * g.PW + px + c) * g.C;
+  }
   return rows;
 }
 
@@ -265,6 +278,23 @@ int ldm_conv3x3(const uint16_t* x, int batch, int height, int width, int channel
   {
     pad_input(g, x, scratch);  // ends with its omp for's barrier
     product(rows, w, n, bias, residual, out);
+  }
+  return 0;
+}
+
+// out (B, 2H, 2W, N) = conv3x3(nearest 2x upsampling of x (B, H, W, C)) + bias, all bf16 NHWC but
+// the float32 bias, as the four output parities' 2x2 convolutions of x (conv_rows): w their B tiles,
+// parity 2 py + px at w + p * N * 4C. C a multiple of 32, N of 64; scratch as ldm_conv3x3's.
+int ldm_upsample_conv3x3(const uint16_t* x, int batch, int height, int width, int channels, const uint16_t* w, int n,
+                         const float* bias, uint16_t* out, uint16_t* scratch, int threads) {
+  if (batch < 1 || height < 1 || width < 1 || channels < 32 || channels % 32 || n < 64 || n % 64) return 1;
+  const Padded g(batch, height, width, channels);
+  const Rows parities[4] = {conv_rows(g, scratch, 0, 0), conv_rows(g, scratch, 0, 1), conv_rows(g, scratch, 1, 0),
+                            conv_rows(g, scratch, 1, 1)};
+#pragma omp parallel num_threads(threads)
+  {
+    pad_input(g, x, scratch);  // ends with its omp for's barrier
+    for (int p = 0; p < 4; ++p) product(parities[p], w + (long)p * n * 4 * channels, n, bias, nullptr, out);
   }
   return 0;
 }

@@ -15,9 +15,10 @@ reorder once, and replaces in place
   `PackedGEGLU`: the gate and value halves as two oneDNN GEMMs, GELU fused into the gate's and the
   product into the value's (post-ops). Either instead of one wide GEMM, a copy of the bias, a GELU
   pass and a product pass,
-- every `layers.Upsample` (nearest 2x, then a 3x3 convolution) by `PackedUpsample`: on maps large
-  enough, one 2x2 convolution of the low-resolution map that gives the four output parities, with
-  4/9 of the multiply-adds and no upsampled copy.
+- every `layers.Upsample` (nearest 2x, then a 3x3 convolution) by `PackedUpsample`: 2x2
+  convolutions of the low-resolution map that give the four output parities, with 4/9 of the
+  multiply-adds and no upsampled copy (on our AMX kernel where the 3x3 convolution would be, else
+  on oneDNN for maps large enough).
 
 Packed convolutions and linear layers also take a residual (`forward_plus(x, residual)`): the
 sum `residual + layer(x)` is a post-op of the GEMM, not a pass of its own over the activations
@@ -52,10 +53,12 @@ _MKLDNN = torch.ops.mkldnn
 # 30.6) and lost to it on the narrower, larger maps (320 channels at 64x64 with the residual: 8.9
 # against 6.8 ms; 640 at 32x32: 7.1 against 6.4).
 AMX_CONV_MIN_CHANNELS = 1024
-# Input pixels (batch x H x W) from which `PackedUpsample` runs its 2x2 parity convolution: its
-# weights are 16/9 of the 3x3 kernel's, which a small map does not repay. In the SD 1.5 U-Net (bf16,
-# batch 2, medians of 10): 640 channels at 32x32 10.5-11.6 against 19.3-20.3 ms the plain way, 1280
-# at 16x16 18.1-18.7 against 25.5-25.6, but 1280 at 8x8 9.6-10.5 against 6.2.
+# Input pixels (batch x H x W) from which `PackedUpsample` runs its parities on oneDNN, as one 2x2
+# convolution: its weights are 16/9 of the 3x3 kernel's, which a small map does not repay. In the
+# SD 1.5 U-Net (bf16, batch 2, medians of 10): 640 channels at 32x32 10.5-11.6 against 19.3-20.3 ms
+# the plain way, 1280 at 16x16 18.1-18.7 against 25.5-25.6, but 1280 at 8x8 9.6-10.5 against 6.2.
+# On our AMX kernel (1280 channels, `kernels.upsample_conv3x3`) the parities paid at every size:
+# in the step 11.3 against 23.8 ms at 16x16 (oneDNN's parities), 4.1 against 6.5 ms at 8x8 (plain).
 PHASES_MIN_PIXELS = 512
 
 
@@ -234,16 +237,21 @@ def upsample_phase_weight(weight: Tensor) -> Tensor:
 
 
 class PackedUpsample(nn.Module):
-    """`layers.Upsample` (nearest 2x, then a 3x3 convolution) as one 2x2 convolution of the
-    low-resolution map into its four output parities (`upsample_phase_weight`): 16 multiply-adds
-    per output pixel and channel pair instead of 36 (SD 1.5's 640-channel upsampler to 64x64: 60
-    GFLOP a step, in 2.1 times fewer), and no upsampled copy of the input. Sizes other than exactly
-    2x (to meet an odd skip), small maps and calls that need gradients take the plain way."""
+    """`layers.Upsample` (nearest 2x, then a 3x3 convolution) as 2x2 convolutions of the
+    low-resolution map that give its four output parities (`upsample_phase_weight`): 16
+    multiply-adds per output pixel and channel pair instead of 36 (SD 1.5's 640-channel upsampler to
+    64x64: 60 GFLOP a step, in 2.1 times fewer), and no upsampled copy of the input. Where the plain
+    way's convolution is an `AmxConv2d`, the parities run on our kernel (`kernels.upsample_conv3x3`,
+    written in place into the upsampled map); elsewhere as one oneDNN convolution into 4x the
+    channels, copied out per parity. Sizes other than exactly 2x (to meet an odd skip), small maps
+    and calls that need gradients take the plain way."""
 
     def __init__(self, up: Upsample):
         super().__init__()
         self.conv = _packed(up.conv)  # the plain way's convolution, under Upsample's name
-        self.phases: PackedConv2d | None = None  # made at the first call that takes it: 16/9 of the weight's memory
+        # made at the first call that takes them: 16/9 of the weight's memory
+        self.phases: PackedConv2d | None = None
+        self.phase_tiles: Tensor | None = None
 
     def _phase_conv(self) -> PackedConv2d:
         if self.phases is None:
@@ -255,10 +263,18 @@ class PackedUpsample(nn.Module):
             self.phases = PackedConv2d(conv)
         return self.phases
 
+    def _amx_phase_tiles(self) -> Tensor:
+        if self.phase_tiles is None:
+            self.phase_tiles = kernels.pack_parity_weight(upsample_phase_weight(self.conv.dense_weight()))
+        return self.phase_tiles
+
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         b, _, h, w = x.shape
-        if (_needs_grad(x) or (size is not None and tuple(size) != (2 * h, 2 * w))
-                or b * h * w < PHASES_MIN_PIXELS):
+        if _needs_grad(x) or (size is not None and tuple(size) != (2 * h, 2 * w)):
+            return Upsample.forward(self, x, size)
+        if isinstance(self.conv, AmxConv2d):
+            return kernels.upsample_conv3x3(x, self._amx_phase_tiles(), self.conv.bias32)
+        if b * h * w < PHASES_MIN_PIXELS:
             return Upsample.forward(self, x, size)
         o = self._phase_conv()(x)  # (B, 4 C, H + 1, W + 1)
         c = o.shape[1] // 4
