@@ -11,9 +11,12 @@
 - `conv3x3(x, tiles, bias, residual)` is a 3x3 convolution (stride 1, padding 1) of a bf16
   feature map plus its bias (and a residual) on AMX tiles through `conv.cpp`, for the weight-heavy
   convolutions `models.onednn.prepack` hands it (weights packed once by `pack_conv3x3_weight`);
+- `upsample_conv3x3(x, tiles, bias)` is nearest 2x upsampling then such a 3x3 convolution, as the
+  four output parities' 2x2 convolutions of x (4/9 of the multiply-adds) through the same
+  `conv.cpp`, each written in place into the upsampled map (weights by `pack_parity_weight`);
 - `geglu(x, tiles, bias)` is a GEGLU feed-forward projection, value * GELU(gate), as one GEMM on
-  AMX tiles with the GELU and the product in its epilogue, through the same `conv.cpp` (a linear
-  layer is its convolution with one tap; weights packed once by `pack_geglu_weight`).
+  AMX tiles with the GELU and the product in its epilogue, through `conv.cpp` too (a linear layer
+  is its convolution with one tap; weights packed once by `pack_geglu_weight`).
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
@@ -152,7 +155,8 @@ def layer_norm_kernel_available() -> bool:
 
 
 def conv_kernel_available() -> bool:
-    """Whether `conv3x3` and `geglu` can run here (AMX, g++, Linux) and LDMKIT_CONV_KERNEL is not 0."""
+    """Whether `conv3x3`, `upsample_conv3x3` and `geglu` can run here (AMX, g++, Linux) and
+    LDMKIT_CONV_KERNEL is not 0."""
     return _enabled["conv"] and _load("conv") is not None
 
 

@@ -1,6 +1,7 @@
 // 3x3 convolution (stride 1, zero padding 1) of bf16 NHWC feature maps on Intel AMX tiles, with
-// its bias and optionally a residual added, called through ctypes; and, as the same GEMM with one
-// tap, a linear layer whose output is a GEGLU (value * GELU(gate), see ldm_geglu).
+// its bias and optionally a residual added, called through ctypes; as the same GEMM with 4 taps per
+// output parity, nearest 2x upsampling then a 3x3 convolution (ldm_upsample_conv3x3); and with one
+// tap, a linear layer whose output is a GEGLU (value * GELU(gate), ldm_geglu).
 //
 // Why our own: the SD 1.5 U-Net's deepest layers are weight-heavy: 29 MB of weights for a
 // 1280-channel 3x3 convolution against 1.3 MB of input at 16x16. oneDNN ran them at 1-2 TFLOP/s in
