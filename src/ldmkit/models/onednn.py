@@ -198,8 +198,8 @@ class PackedGEGLU(nn.Module):
 class AmxGEGLU(nn.Module):
     """GEGLU (value * GELU(gate)) as one GEMM on our AMX kernel, `kernels.geglu`: the projection's
     weight in the kernel's tiles, the GELU and the product in the GEMM's epilogue, rounded to bf16
-    once. In the SD 1.5 U-Net step (medians of 16 calls each) 8.7 against 9.5 ms for oneDNN's two
-    GEMMs at 4,096 tokens, 6.8 against 7.7 at 1,024, 6.9 against 8.1 at 256: 113 against 129 ms."""
+    once. In the SD 1.5 U-Net step (medians of 16 calls each) 8.1 against 9.5 ms for oneDNN's two
+    GEMMs at 4,096 tokens, 7.0 against 7.7 at 1,024, 6.8 against 8.1 at 256: 112 against 129 ms."""
 
     def __init__(self, geglu: GEGLU):
         super().__init__()
