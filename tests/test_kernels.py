@@ -2,8 +2,9 @@
 products, each tested where the CPU has it) gives PyTorch's attention, and the GroupNorm
 kernel PyTorch's GroupNorm (with the shift before and SiLU after), the LayerNorm kernel
 PyTorch's LayerNorm, the AMX 3x3 convolution F.conv2d (also after nearest 2x upsampling, by
-output parities) and the AMX GEGLU PyTorch's GEGLU, to bf16 accuracy at every size they take; the first three hand everything else to PyTorch unchanged, and all are what the U-Net and
-the VAE run on in bf16 inference."""
+output parities) and the AMX GEGLU PyTorch's GEGLU, to bf16 accuracy at every size they take;
+the first three hand everything else to PyTorch unchanged, and all are what the U-Net and the
+VAE run on in bf16 inference."""
 
 import contextlib
 

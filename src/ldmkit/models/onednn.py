@@ -243,8 +243,9 @@ class PackedUpsample(nn.Module):
     64x64: 60 GFLOP a step, in 2.1 times fewer), and no upsampled copy of the input. Where the plain
     way's convolution is an `AmxConv2d`, the parities run on our kernel (`kernels.upsample_conv3x3`,
     written in place into the upsampled map); elsewhere as one oneDNN convolution into 4x the
-    channels, copied out per parity. Sizes other than exactly 2x (to meet an odd skip), small maps
-    and calls that need gradients take the plain way."""
+    channels, copied out per parity, from `PHASES_MIN_PIXELS` on. Sizes other than exactly 2x (to
+    meet an odd skip), smaller maps on oneDNN's way and calls that need gradients take the plain
+    way."""
 
     def __init__(self, up: Upsample):
         super().__init__()
