@@ -259,9 +259,9 @@ def time_variants(variants: dict[str, Callable[[], object]], runs: int, warmup: 
     drift in machine speed is shared between them. With `rewarm` each timed call comes right after
     an untimed one of the same variant, as a step follows a step in a sampling loop: a call right
     after another variant's can be slower (SD 1.5's packed U-Net step after the unpacked bf16 one's,
-    1.03-1.05 s, against 0.97 s after its own kind's). A
-    variant that raises is dropped with its error recorded, so one broken variant does not end a
-    long run. `malloc`: see keeps_freed_memory."""
+    1.03-1.05 s, against 0.97 s after its own kind's). A variant that raises is dropped with its
+    error recorded, so one broken variant does not end a long run. `malloc`: see
+    keeps_freed_memory."""
     results = {name: Timing() for name in variants}
     live = dict(variants)
 

@@ -130,7 +130,7 @@ def test_reusing_context_projects_each_context_once():
             model(x, 7.0, other)
             assert len(projections) == 3 * len(attn2)
             other.div_(2)
-        assert all(a.context_memo is None for a in attn2)
+        assert all(a.context_kv is None and not a.reuses_context for a in attn2)
     assert torch.equal(first, expected) and torch.equal(changed, expected_other)
     assert torch.equal(again, model(x, 7.0, ctx).detach())
     with model.reusing_context():  # with gradients every call projects, and they flow to the context

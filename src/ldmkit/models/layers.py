@@ -136,17 +136,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
-        # a cross-attention's keys and values of one context, kept between calls while the U-Net
-        # that owns it says so (`UNet.reusing_context`); None: project the context at every call
-        self.context_memo: dict[str, tuple[Tensor, Tensor]] | None = None
+        # while the U-Net that owns a cross-attention says so (`UNet.reusing_context`), the keys and
+        # values of its context are kept between calls in context_kv (None: not projected yet)
+        self.reuses_context = False
+        self.context_kv: tuple[Tensor, Tensor] | None = None
 
     def _keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        memo = self.context_memo
-        if memo is None or torch.is_grad_enabled():
+        if not self.reuses_context or torch.is_grad_enabled():
             return self.to_k(context), self.to_v(context)
-        if "kv" not in memo:
-            memo["kv"] = self.to_k(context), self.to_v(context)
-        return memo["kv"]
+        if self.context_kv is None:
+            self.context_kv = self.to_k(context), self.to_v(context)
+        return self.context_kv
 
     def attend(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         """x: (B, N, query_dim), context: (B, M, context_dim) or None -> (B, N, query_dim),
