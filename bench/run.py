@@ -21,8 +21,8 @@ Variants: diffusers fp32, diffusers under bf16 autocast, ldmkit fp32, ldmkit fp3
 channels_last weights and inputs (U-Net and VAE: the layout's effect alone; what `load_pipeline`
 runs in float32 on the CPU, so the txt2img workload's "ldmkit fp32" is channels_last), ldmkit with
 bf16 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
-(`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 on a CPU with AMX; elsewhere the bf16
-pipelines use bf16 channels_last), and with --compile bf16 channels_last under torch.compile. The
+(`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 where oneDNN has bf16 kernels; elsewhere
+the bf16 pipelines use bf16 channels_last), and with --compile bf16 channels_last under torch.compile. The
 diffusers / transformers models share ldmkit fp32's weight tensors, so the weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
@@ -85,7 +85,7 @@ from ldmkit.models.layers import Attention, SpatialSelfAttention, SpatialTransfo
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import UNet, unet_preset
 from ldmkit.models.vae import AutoencoderKL, vae_preset
-from ldmkit.pipelines.load import BUNDLED_MODEL, cpu_has_amx, cpu_has_native_bf16, load_pipeline
+from ldmkit.pipelines.load import BUNDLED_MODEL, cpu_has_native_bf16, load_pipeline
 from ldmkit.pipelines.stable_diffusion import StableDiffusion
 
 BF16 = torch.bfloat16
@@ -100,8 +100,8 @@ SD15_SCHEDULER = dict(
 )
 D32, DAC, L32, L16, LCO = "diffusers fp32", "diffusers bf16 autocast", "ldmkit fp32", "ldmkit bf16 CL", "ldmkit bf16 CL compile"
 LCL = "ldmkit fp32 CL"  # float32 with channels_last: the layout's effect alone
-LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs on AMX CPUs
-LBF = LPK if cpu_has_amx() else L16  # the bf16 U-Net load_pipeline builds on this CPU: the pipelines' bf16 variant
+LPK = "ldmkit bf16 packed"  # bf16, U-Net layers prepacked for oneDNN: what load_pipeline runs where oneDNN has bf16
+LBF = LPK if onednn.available(BF16) else L16  # the bf16 U-Net load_pipeline builds here: the pipelines' bf16 variant
 LP2 = f"{LPK}, distinct latents"  # the U-Net step on a batch whose rows all differ: no shared start
 LPS = f"{LBF} SDPA"  # that with PyTorch's attention kernel in place of ours
 LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
@@ -500,8 +500,8 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         p.vae_tile_size = None  # decode whole, as diffusers does (tiling starts above 512 for SD anyway)
         return p
 
-    # what load_pipeline builds on the CPU: float32 channels_last; in bf16 the U-Net packed where AMX
-    # is, else channels_last, and a channels_last VAE
+    # what load_pipeline builds on the CPU: float32 channels_last; in bf16 the U-Net packed where
+    # oneDNN has bf16, else channels_last, and a channels_last VAE
     unet16 = m.unet_packed if LBF == LPK else m.unet16
     ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, m.vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
@@ -538,7 +538,7 @@ def shapes_workload(sizes: Sizes, folder: Path, compile_backend: str | None) -> 
     from ldmkit.training.shapes_model import SAMPLE_PROMPTS
 
     p32 = load_pipeline(folder, precision="fp32", device="cpu")
-    p16 = load_pipeline(folder, precision="bf16", device="cpu")  # U-Net packed where AMX is, channels_last VAE
+    p16 = load_pipeline(folder, precision="bf16", device="cpu")  # U-Net packed where oneDNN has bf16, channels_last VAE
     per_prompt = max(1, sizes.shapes_images // len(SAMPLE_PROMPTS))
     prompts = list(SAMPLE_PROMPTS[: sizes.shapes_images // per_prompt])
     n = len(prompts) * per_prompt

@@ -40,12 +40,21 @@ def plain_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, GEGLU)]
 
 
+def unpacked_layers(model: nn.Module) -> list[str]:
+    """The plain layers `prepack` should have replaced: all but the 1x1 convolutions it keeps
+    (channels_last) on CPUs without AMX."""
+    def kept(m: nn.Module) -> bool:
+        return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and not onednn.packs_pointwise_convs()
+                and m.weight.is_contiguous(memory_format=CL))
+    return [name for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, GEGLU) and not kept(m)]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 2e-2, marks=NEEDS_BF16)])
 @pytest.mark.parametrize("shape", [(2, 16, 16), (3, 24, 40)])  # the size packed for, and others
 def test_packed_unet_matches_the_plain_one(dtype, tol, shape):
     plain = tiny_unet(dtype)
     packed = onednn.prepack(copy.deepcopy(plain))
-    assert plain_layers(packed) == [] and plain_layers(plain)  # every conv, linear and GEGLU replaced
+    assert unpacked_layers(packed) == [] and plain_layers(plain)  # every conv, linear and GEGLU replaced
     x, t, ctx = unet_inputs(*shape, dtype)
     with torch.no_grad():
         ref, out = plain(x, t, ctx), packed(x, t, ctx)
@@ -190,7 +199,7 @@ def test_load_pipeline_prepacks_the_bf16_cpu_unet_and_keeps_its_images():
     packed = load_pipeline(None, precision="bf16", device="cpu", prepack=True)
     plain = load_pipeline(None, precision="bf16", device="cpu", prepack=False)
     fp32 = load_pipeline(None, precision="fp32", device="cpu")
-    assert plain_layers(packed.unet) == [] and plain_layers(plain.unet) and plain_layers(fp32.unet)
+    assert unpacked_layers(packed.unet) == [] and plain_layers(plain.unet) and plain_layers(fp32.unet)
     assert packed.vae.decoder.conv_in.weight.is_contiguous(memory_format=CL)
     assert plain.unet.conv_in.weight.is_contiguous(memory_format=CL)
     kwargs = dict(sampler="dpmpp_2m", steps=8, cfg_scale=5.0, num_images=2, seed=3, output="tensor")
@@ -202,16 +211,18 @@ def test_load_pipeline_prepacks_the_bf16_cpu_unet_and_keeps_its_images():
     assert off_packed < 1.2 * off_plain + 0.5, (off_packed, off_plain)
 
 
-@pytest.mark.parametrize("flags,packs", [pytest.param({"avx512_bf16", "amx_tile", "amx_bf16"}, True, marks=NEEDS_BF16),
-                                         ({"avx512_bf16"}, False)])
-def test_load_pipeline_prepacks_by_default_only_where_the_cpu_has_amx(monkeypatch, flags, packs):
-    # prepacked convolutions ran the SD 1.5 U-Net faster on AMX, twice as slow on AMD Zen 5's AVX512-BF16
+@NEEDS_BF16
+@pytest.mark.parametrize("amx", [True, False])
+def test_load_pipeline_prepacks_by_default_and_keeps_1x1_convolutions_plain_without_amx(monkeypatch, amx):
+    # packed 1x1 convolutions ran at half the plain ones' speed on AMD Zen 5 (AVX512-BF16, no AMX)
     from ldmkit.pipelines import load
 
-    monkeypatch.setattr(load, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(onednn, "cpu_has_amx", lambda: amx)
     pipe = load.load_pipeline(None, precision="bf16", device="cpu")
-    assert (plain_layers(pipe.unet) == []) == packs
-    assert packs or pipe.unet.conv_in.weight.is_contiguous(memory_format=CL)
+    kept = [m for m in pipe.unet.modules() if type(m) is nn.Conv2d]
+    assert unpacked_layers(pipe.unet) == [] and any(isinstance(m, onednn.PackedConv2d) for m in pipe.unet.modules())
+    assert bool(kept) != amx and all(m.kernel_size == (1, 1) for m in kept)
+    assert all(m.weight.is_contiguous(memory_format=CL) for m in kept)
 
 
 def test_without_onednn_bf16_prepack_says_so_and_load_pipeline_keeps_plain_layers(monkeypatch):

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 
+AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})  # /proc/cpuinfo flags of Intel's AMX bf16 tiles
+
+
 def cpu_flags() -> frozenset[str]:
     """The feature flags of /proc/cpuinfo (empty where there is none: not Linux)."""
     try:
@@ -16,6 +19,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
                           []))
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later)."""
+    return cpu_flags().issuperset(AMX_FLAGS)
 
 
 # glibc's malloc serves a block above its mmap threshold (128 KiB at start, rising with the blocks

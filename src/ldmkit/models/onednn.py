@@ -8,7 +8,9 @@ reorder once, and replaces in place
 - every `nn.Conv2d` (zero padding) by `PackedConv2d`, except the weight-heavy 3x3 ones (stride 1,
   at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
   our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
-  16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too),
+  16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too);
+  and except the 1x1 ones on CPUs without AMX, which stay plain, channels_last (see
+  `packs_pointwise_convs`),
 - every `nn.Linear` by `PackedLinear`,
 - every GEGLU feed-forward projection, where the CPU has AMX, by `AmxGEGLU`: one GEMM on our
   kernel (`kernels.geglu`) with the bias, GELU and product in its epilogue; elsewhere by
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from ..cpu import cpu_has_amx
 from .layers import GEGLU, Upsample
 
 _MKLDNN = torch.ops.mkldnn
@@ -143,6 +146,16 @@ class AmxConv2d(nn.Module):
         if _needs_grad(x) or _needs_grad(residual):
             return residual + self(x)
         return kernels.conv3x3(x, self.tiles, self.bias32, residual)
+
+
+def packs_pointwise_convs() -> bool:
+    """Whether `prepack` packs 1x1 convolutions: only where the CPU has AMX. On AMD Zen 5
+    (AVX512-BF16, no AMX; 2026-12-07) oneDNN ran SD 1.5's packed 1x1 convolutions at half the speed
+    of the plain channels_last ones (320 channels at 64x64, batch 2: 4.2 against 1.85 ms; 1280 at
+    16x16: 4.0 against 2.1 ms), and packed without an input size their weights came out in a
+    layout the kernel reordered again at every call (41 ms at 1280 channels). The U-Net step with
+    everything else packed took 2.04 against 2.31 s channels_last (medians of 6, alternating)."""
+    return cpu_has_amx()
 
 
 def _plain_3x3(conv: nn.Conv2d) -> bool:
@@ -288,11 +301,13 @@ class PackedUpsample(nn.Module):
 
 
 def _packed(module: nn.Module) -> nn.Module | None:
-    """The packed replacement of `module`, or None to leave it (and look inside it)."""
+    """The packed replacement of `module` (or itself, kept plain), or None to look inside it."""
     if isinstance(module, GEGLU):
         return AmxGEGLU(module) if _amx_geglu_takes(module) else PackedGEGLU(module)
     if type(module) is Upsample and _plain_3x3(module.conv):
         return PackedUpsample(module)
+    if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and not packs_pointwise_convs():
+        return module.to(memory_format=torch.channels_last)  # kept plain, in the layout its inputs come in
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return AmxConv2d(module) if _amx_conv_takes(module) else PackedConv2d(module)
     if type(module) is nn.Linear:

@@ -9,9 +9,10 @@ non-finite decode is still retried in float32 by the pipeline).
 
 On the CPU the VAE runs channels_last, and so does the U-Net, whose convolutions, linear layers and
 GEGLUs are instead prepacked for oneDNN in bf16 (`ldmkit.models.onednn`: weights reordered once
-instead of every step, GEGLU as two GEMMs with fused post-ops) where the CPU has AMX: there
-prepacking made the SD 1.5 U-Net step 22% faster, while on an AVX512-BF16 CPU without AMX (AMD
-Zen 5) its convolutions took twice as long as channels_last ones. In float32 channels_last made an
+instead of every step, GEGLU as two GEMMs with fused post-ops; on AMX CPUs our own kernels for the
+widest of them). On the Sapphire Rapids prepacking made the SD 1.5 U-Net step 22% faster; on AMD
+Zen 5 (AVX512-BF16, no AMX) 12% (2.04 against 2.31 s), with its 1x1 convolutions left plain,
+which oneDNN ran at half the speed packed there. In float32 channels_last made an
 AVX2-only CPU's (AMD Zen 3) SD 1.5 U-Net step 13% faster and its VAE decode 17%, and was neutral to
 25% faster on the Sapphire Rapids; on the Zen 3 prepacking was slower than channels_last (17.8
 against 13.8 s a step) and fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`) are
@@ -47,7 +48,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
-CPU_AMX_FLAGS = ("amx_tile", "amx_bf16")  # ... of the AMX tiles, where prepacked oneDNN layers pay
 HASH_LENGTH = 10  # hex characters of the model hash recorded with each image
 HASH_CACHE_FILE = "model_hashes.json"  # in the user cache: {model path: {"files": [...], "hash"}}
 GENERATION_FILE = "generation.json"  # in a model folder: settings its makers recommend, {"cfg_scale": 5.0}
@@ -80,11 +80,6 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (else bf16 is emulated and slower than fp32; a
     CPU that does not say, off Linux, is assumed not to: float32 is always correct)."""
     return not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later)."""
-    return cpu_flags().issuperset(CPU_AMX_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -186,15 +181,14 @@ def load_pipeline(
     prediction_type: str | None = None,
     arch: str | None = None,
     inpainting: bool | None = None,
-    prepack: bool | None = None,
+    prepack: bool = True,
 ) -> StableDiffusion:
     """A StableDiffusion from a diffusers folder or single file (None: the bundled model).
 
     precision: "auto", "fp32", "bf16" or "fp16" (CUDA only); device: "auto", "cpu" or "cuda".
     `prediction_type`, `arch` and `inpainting` are passed to load_pipeline_components.
-    `prepack` (CPU bf16 only): True prepacks the U-Net's layers for oneDNN (where oneDNN has bf16
-    kernels for this CPU), False keeps them PyTorch layers with channels_last weights, None (the
-    default) prepacks where the CPU has AMX.
+    `prepack` (CPU bf16 only): True (the default) prepacks the U-Net's layers for oneDNN where
+    oneDNN has bf16 kernels for this CPU, False keeps them PyTorch layers with channels_last weights.
     """
     target = resolve_device(device)
     dtype = resolve_precision(precision, target)
@@ -204,8 +198,6 @@ def load_pipeline(
     comps.vae.to(vae_dtype_for(dtype))
     if target.type == "cpu":
         comps.vae.to(memory_format=torch.channels_last)
-        if prepack is None:
-            prepack = cpu_has_amx()
         if prepack and dtype == torch.bfloat16 and onednn.available(dtype):
             onednn.prepack(comps.unet)
         else:
