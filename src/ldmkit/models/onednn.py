@@ -8,9 +8,7 @@ reorder once, and replaces in place
 - every `nn.Conv2d` (zero padding) by `PackedConv2d`, except the weight-heavy 3x3 ones (stride 1,
   at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
   our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
-  16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too);
-  and except the 1x1 ones on CPUs without AMX, which stay plain, channels_last (see
-  `packs_pointwise_convs`),
+  16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too),
 - every `nn.Linear` by `PackedLinear`,
 - every GEGLU feed-forward projection, where the CPU has AMX, by `AmxGEGLU`: one GEMM on our
   kernel (`kernels.geglu`) with the bias, GELU and product in its epilogue; elsewhere by
@@ -89,6 +87,18 @@ def _needs_grad(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def _layout_input_size(conv: nn.Conv2d) -> list[int] | None:
+    """The input size oneDNN lays a packed convolution weight out for: none where the CPU has AMX,
+    else a small map. Without one, on AMD Zen 5 (AVX512-BF16, no AMX; 2026-12-07) the reorder chose
+    layouts the convolution kernels did not take (AcdB48a2b for every 1x1 weight, AcdB32a2b for the
+    320-channel 3x3 ones, where they want AcdB64a2b), so every call reordered the weight again:
+    54 reorders in an SD 1.5 U-Net step, 1.41 s of it (a 1280-channel 1x1 convolution at 16x16:
+    41 ms a call against 1.9 ms). For any input size tried (batch 2, 32x32 or 64x64) the layouts
+    matched at every shape of the step, 8x8 to 64x64. On AMX the layouts chosen without one
+    ran the step 22% faster than channels_last layers; not measured with one, they stay."""
+    return None if cpu_has_amx() else [2, conv.in_channels, 32, 32]
+
+
 class PackedConv2d(nn.Module):
     """A frozen zero-padded Conv2d whose weight is in oneDNN's layout (output channels_last)."""
 
@@ -98,7 +108,7 @@ class PackedConv2d(nn.Module):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         weight = conv.weight.detach()
         self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, None)
+            weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, _layout_input_size(conv))
         self.bias = None if conv.bias is None else conv.bias.detach()
 
     def dense_weight(self) -> Tensor:
@@ -146,16 +156,6 @@ class AmxConv2d(nn.Module):
         if _needs_grad(x) or _needs_grad(residual):
             return residual + self(x)
         return kernels.conv3x3(x, self.tiles, self.bias32, residual)
-
-
-def packs_pointwise_convs() -> bool:
-    """Whether `prepack` packs 1x1 convolutions: only where the CPU has AMX. On AMD Zen 5
-    (AVX512-BF16, no AMX; 2026-12-07) oneDNN ran SD 1.5's packed 1x1 convolutions at half the speed
-    of the plain channels_last ones (320 channels at 64x64, batch 2: 4.2 against 1.85 ms; 1280 at
-    16x16: 4.0 against 2.1 ms), and packed without an input size their weights came out in a
-    layout the kernel reordered again at every call (41 ms at 1280 channels). The U-Net step with
-    everything else packed took 2.04 against 2.31 s channels_last (medians of 6, alternating)."""
-    return cpu_has_amx()
 
 
 def _plain_3x3(conv: nn.Conv2d) -> bool:
@@ -301,13 +301,11 @@ class PackedUpsample(nn.Module):
 
 
 def _packed(module: nn.Module) -> nn.Module | None:
-    """The packed replacement of `module` (or itself, kept plain), or None to look inside it."""
+    """The packed replacement of `module`, or None to leave it (and look inside it)."""
     if isinstance(module, GEGLU):
         return AmxGEGLU(module) if _amx_geglu_takes(module) else PackedGEGLU(module)
     if type(module) is Upsample and _plain_3x3(module.conv):
         return PackedUpsample(module)
-    if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and not packs_pointwise_convs():
-        return module.to(memory_format=torch.channels_last)  # kept plain, in the layout its inputs come in
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return AmxConv2d(module) if _amx_conv_takes(module) else PackedConv2d(module)
     if type(module) is nn.Linear:

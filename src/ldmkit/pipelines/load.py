@@ -11,11 +11,12 @@ On the CPU the VAE runs channels_last, and so does the U-Net, whose convolutions
 GEGLUs are instead prepacked for oneDNN in bf16 (`ldmkit.models.onednn`: weights reordered once
 instead of every step, GEGLU as two GEMMs with fused post-ops; on AMX CPUs our own kernels for the
 widest of them). On the Sapphire Rapids prepacking made the SD 1.5 U-Net step 22% faster; on AMD
-Zen 5 (AVX512-BF16, no AMX) 12% (2.04 against 2.31 s), with its 1x1 convolutions left plain,
-which oneDNN ran at half the speed packed there. In float32 channels_last made an
-AVX2-only CPU's (AMD Zen 3) SD 1.5 U-Net step 13% faster and its VAE decode 17%, and was neutral to
-25% faster on the Sapphire Rapids; on the Zen 3 prepacking was slower than channels_last (17.8
-against 13.8 s a step) and fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`) are
+Zen 5 (AVX512-BF16, no AMX) 12-15%, once its weights were laid out for an input size
+(`onednn._layout_input_size`; without one, its 1x1 and 320-channel 3x3 weights were reordered
+again at every call there). In float32 channels_last made an AVX2-only CPU's (AMD Zen 3) SD 1.5
+U-Net step 13% faster and its VAE decode 17%, and was neutral to 25% faster on the Sapphire
+Rapids; on the Zen 3 prepacking was slower than channels_last (17.8 against 13.8 s a step) and
+fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`) are
 built here rather than in the first sampling step. On the CPU glibc's malloc is told to keep freed
 large blocks (`cpu.keep_freed_memory`; LDMKIT_KEEP_FREED_MEMORY=0 leaves it as it is): each step
 and decode then reuses the memory of the last instead of page-faulting in fresh mappings.
