@@ -22,8 +22,9 @@ channels_last weights and inputs (U-Net and VAE: the layout's effect alone; what
 runs in float32 on the CPU, so the txt2img workload's "ldmkit fp32" is channels_last), ldmkit with
 bf16 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
 (`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 where oneDNN has bf16 kernels; elsewhere
-the bf16 pipelines use bf16 channels_last), and with --compile bf16 channels_last under torch.compile. The
-diffusers / transformers models share ldmkit fp32's weight tensors, so the weights are held once.
+the bf16 pipelines use bf16 channels_last), and with --compile bf16 channels_last under
+torch.compile. The diffusers / transformers models share ldmkit fp32's weight tensors, so the
+weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
 speed-up against diffusers fp32 and diffusers bf16 autocast (their time / this time, > 1 is
