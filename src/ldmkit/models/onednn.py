@@ -5,7 +5,8 @@ oneDNN reorders it into its blocked layout on every call: for the SD 1.5 U-Net t
 bf16 weights read and rewritten per step, most of it from main memory. `prepack(model)` does that
 reorder once, and replaces in place
 
-- every `nn.Conv2d` (zero padding) by `PackedConv2d`, except the weight-heavy 3x3 ones (stride 1,
+- every `nn.Conv2d` (zero padding) by `PackedConv2d` (its weight laid out for an input size where
+  the CPU has no AMX: see `_layout_input_size`), except the weight-heavy 3x3 ones (stride 1,
   at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
   our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
   16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too),
