@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..cpu import cpu_has_amx
-from .layers import GEGLU, Upsample
+from .layers import GEGLU, Upsample, scatter_parities, upsample_phase_weight
 
 _MKLDNN = torch.ops.mkldnn
 # Output channels from which a 3x3 convolution goes to `AmxConv2d`. In the SD 1.5 U-Net step (512x512,
@@ -232,24 +232,6 @@ def _amx_geglu_takes(geglu: GEGLU) -> bool:
             and proj.out_features % 64 == 0 and kernels.conv_kernel_available())
 
 
-# Nearest 2x upsampling then a 3x3 convolution (padding 1), per output parity: output row 2i + py
-# sees upsampled rows 2i + py - 1 .. 2i + py + 1, which are low-resolution rows i - 1 + py and i + py,
-# the first under tap 0 (py = 0) or taps 0 and 1 (py = 1), the second under taps 1 and 2 or tap 2.
-# _PARITY_TAPS[py][a][tap]: whether the tap falls on low-resolution row i - 1 + py + a. Columns alike.
-_PARITY_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
-
-
-def upsample_phase_weight(weight: Tensor) -> Tensor:
-    """The 3x3 kernel (O, C, 3, 3) of a convolution after nearest 2x upsampling as the 2x2 kernels
-    (4 O, C, 2, 2) that give its four output parities (py, px) from the low-resolution map, parity
-    2 py + px in output channels [(2 py + px) O, (2 py + px + 1) O): a 2x2 convolution with padding 1
-    of the H x W map has output (i + py, j + px) of parity (py, px) at (2i + py, 2j + px). The taps
-    are summed in float32 and rounded once."""
-    taps = torch.tensor(_PARITY_TAPS, dtype=torch.float32)  # (parity, a, tap)
-    phases = torch.einsum("pay,ocyx,qbx->pqocab", taps, weight.detach().float(), taps)  # (2, 2, O, C, 2, 2)
-    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
-
-
 class PackedUpsample(nn.Module):
     """`layers.Upsample` (nearest 2x, then a 3x3 convolution) as 2x2 convolutions of the
     low-resolution map that give its four output parities (`upsample_phase_weight`): 16
@@ -286,19 +268,12 @@ class PackedUpsample(nn.Module):
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         b, _, h, w = x.shape
         if _needs_grad(x) or (size is not None and tuple(size) != (2 * h, 2 * w)):
-            return Upsample.forward(self, x, size)
+            return Upsample.plain(self.conv, x, size)
         if isinstance(self.conv, AmxConv2d):
             return kernels.upsample_conv3x3(x, self._amx_phase_tiles(), self.conv.bias32)
         if b * h * w < PHASES_MIN_PIXELS:
-            return Upsample.forward(self, x, size)
-        o = self._phase_conv()(x)  # (B, 4 C, H + 1, W + 1)
-        c = o.shape[1] // 4
-        out = torch.empty(b, c, 2 * h, 2 * w, dtype=o.dtype, memory_format=torch.channels_last)
-        for py in (0, 1):
-            for px in (0, 1):
-                p = 2 * py + px
-                out[:, :, py::2, px::2] = o[:, p * c:(p + 1) * c, py:py + h, px:px + w]
-        return out
+            return Upsample.plain(self.conv, x, size)
+        return scatter_parities(self._phase_conv()(x), h, w)
 
 
 def _packed(module: nn.Module) -> nn.Module | None:
