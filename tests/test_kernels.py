@@ -421,7 +421,7 @@ def test_geglu_kernel_gelu_is_exact_to_bf16_rounding():
     ((1, 32, 5, 7), 64),  # ragged
 ])
 def test_upsample_conv3x3_kernel_matches_upsampling_then_conv(shape, out_channels):
-    from ldmkit.models.onednn import upsample_phase_weight
+    from ldmkit.models.layers import upsample_phase_weight
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(shape[1], out_channels, 3, padding=1).bfloat16()
     x = feature_map(shape, channels_last=True)

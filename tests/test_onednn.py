@@ -160,13 +160,6 @@ def test_packed_upsample_runs_its_parities_on_the_amx_kernel_where_its_convoluti
         assert rel_err(packed(small, size=(9, 14)), up(small, size=(9, 14))) < 1e-2 and calls == [1]  # plain
 
 
-def test_upsample_phase_weight_sums_the_taps_each_parity_sees():
-    weight = torch.arange(9.0).view(1, 1, 3, 3)  # rows (0 1 2) (3 4 5) (6 7 8)
-    phases = onednn.upsample_phase_weight(weight).view(2, 2, 2, 2)  # (py, px, a, b)
-    assert phases[0, 0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
-    assert phases[1, 1].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
-
-
 def test_strided_inputs_give_the_plain_result():
     """The oneDNN linear kernel reads dense rows: views must be made contiguous first."""
     torch.manual_seed(0)
@@ -228,7 +221,8 @@ with torch.inference_mode():
 
 
 @NEEDS_BF16
-@pytest.mark.skipif(onednn.cpu_has_amx(), reason="on AMX the weights are laid out without an input size, as measured fast")
+@pytest.mark.skipif(onednn.cpu_has_amx(),
+                    reason="on AMX the weights are laid out without an input size, as measured fast")
 def test_packed_convolution_weights_are_not_reordered_again_at_each_call():
     """Laid out without an input size, oneDNN's packed 1x1 and 320-channel 3x3 weights came out in
     layouts AMD Zen 5's kernels did not take, so every call reordered them again (41 ms a call for

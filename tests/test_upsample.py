@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.models import onednn
-from ldmkit.models.layers import PARITY_MIN_PIXELS, Upsample
+from ldmkit.models.layers import PARITY_MIN_PIXELS, Upsample, upsample_phase_weight
 
 CL = torch.channels_last
 NEEDS_BF16 = pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="oneDNN has no bf16 kernels for this CPU")
@@ -90,3 +90,10 @@ def test_upsample_parities_follow_the_weights_they_come_from():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert loaded._phases is None
+
+
+def test_upsample_phase_weight_sums_the_taps_each_parity_sees():
+    weight = torch.arange(9.0).view(1, 1, 3, 3)  # rows (0 1 2) (3 4 5) (6 7 8)
+    phases = upsample_phase_weight(weight).view(2, 2, 2, 2)  # (py, px, a, b)
+    assert phases[0, 0].tolist() == [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]]
+    assert phases[1, 1].tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]

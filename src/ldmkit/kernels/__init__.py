@@ -281,7 +281,7 @@ def unpack_conv3x3_weight(tiles: torch.Tensor) -> torch.Tensor:
 
 def pack_parity_weight(phases: torch.Tensor) -> torch.Tensor:
     """The 2x2 kernels of an upsampler's four output parities (4 O, C, 2, 2), parity 2 py + px in
-    output channels [(2 py + px) O, (2 py + px + 1) O) (`onednn.upsample_phase_weight`), as
+    output channels [(2 py + px) O, (2 py + px + 1) O) (`layers.upsample_phase_weight`), as
     `upsample_conv3x3` reads them: per parity the (O, 4C) weight, reduction over (a, b, c), in
     `pack_linear_weight`'s tiles."""
     per_parity = phases.detach().reshape(4, -1, *phases.shape[1:]).permute(0, 1, 3, 4, 2)  # (4, O, a, b, C)

@@ -207,7 +207,7 @@ struct Padded {
 // or those of output parity (py, px) of nearest 2x upsampling then a 3x3 convolution: output (2y +
 // py, 2x + px) of the (B, 2H, 2W) map sees low-resolution rows y - 1 + py + a and columns x - 1 + px
 // + b for a, b in {0, 1}, padded rows y + py + a: 4 taps whose weights sum the 3x3 kernel's
-// (onednn.upsample_phase_weight), written in place into the upsampled map.
+// (layers.upsample_phase_weight), written in place into the upsampled map.
 Rows conv_rows(const Padded& g, const uint16_t* padded, int py = -1, int px = -1) {
   Rows rows;
   const bool row_tiles = g.W % 16 == 0;  // else tiles over whole padded rows
