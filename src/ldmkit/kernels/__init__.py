@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import user_cache_dir
-from ..cpu import cpu_flags
+from ..cpu import AMX_FLAGS, cpu_flags, cpu_has_amx
 
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw",
                  "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
@@ -49,10 +49,9 @@ NEEDS = {  # /proc/cpuinfo flags each kernel needs
     "attention": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi"},
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "layer_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
-    "conv": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"},
+    "conv": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", *AMX_FLAGS},
 }
 EXTRA_FLAGS = {"attention": ("-mavx512vbmi",)}  # only where NEEDS asks for it: no VBMI in the other kernels
-AMX_FLAGS = {"amx_tile", "amx_bf16"}  # where the attention kernel's products run on AMX tiles
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
 MIN_SCORES = 256 * 256  # below this many scores per head PyTorch's kernel is as fast: not worth a call
 
@@ -105,7 +104,7 @@ def _open(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.CalledProcessError):
         return None  # PyTorch's kernels are always there and always right
     if name == "attention":
-        _amx = cpu_flags().issuperset(AMX_FLAGS) and lib.ldm_amx_init() == 0  # 0: Linux granted the tile state
+        _amx = cpu_has_amx() and lib.ldm_amx_init() == 0  # products on AMX tiles where Linux granted their state
         lib.ldm_attention_scratch_bytes.restype = ctypes.c_long
         lib.ldm_attention_scratch_bytes.argtypes = [ctypes.c_int] * 5
         lib.ldm_attention.restype = ctypes.c_int
