@@ -17,7 +17,6 @@ References:
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -361,8 +360,8 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        # (what they came from: the conv's weight and bias and their versions; the parities' weight and bias)
-        self._phases: tuple[tuple, Tensor, Tensor | None] | None = None
+        self._phase_source: tuple | None = None  # the conv's (weight, its version, bias, its version) they came from
+        self._phases: tuple[Tensor, Tensor | None] | None = None  # the parities' weight and bias
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         if self._takes_parities(x, size):
@@ -372,7 +371,7 @@ class Upsample(nn.Module):
         return Upsample.plain(self.conv, x, size)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_phases": None}  # weak references do not pickle; derived again
+        return {**self.__dict__, "_phase_source": None, "_phases": None}  # derived, not saved
 
     @staticmethod
     def plain(conv: nn.Module, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
@@ -390,22 +389,16 @@ class Upsample(nn.Module):
                 and b * h * w >= PARITY_MIN_PIXELS and (size is None or tuple(size) == (2 * h, 2 * w)))
 
     def _phase_weights(self) -> tuple[Tensor, Tensor | None]:
-        """The parities' weight and bias for the conv's current weight: derived again when the
-        weight is another tensor (`.to()`, a copy, a loaded one) or was changed in place."""
+        """The parities' weight and bias for the conv's current ones: derived again when either is
+        another tensor (`.to()`, a loaded one) or was changed in place."""
         weight, bias = self.conv.weight, self.conv.bias
-        if self._phases is None or not self._from(self._phases[0], weight, bias):
-            source = (weakref.ref(weight), weight._version, None if bias is None else weakref.ref(bias),
-                      None if bias is None else bias._version)
-            phases = upsample_phase_weight(weight).contiguous(memory_format=torch.channels_last)
-            self._phases = (source, phases, None if bias is None else bias.detach().repeat(4))
-        return self._phases[1], self._phases[2]
-
-    @staticmethod
-    def _from(source: tuple, weight: Tensor, bias: Tensor | None) -> bool:
-        weight_ref, weight_version, bias_ref, bias_version = source
-        same_bias = bias_ref is None if bias is None else (bias_ref is not None and bias_ref() is bias
-                                                           and bias_version == bias._version)
-        return weight_ref() is weight and weight_version == weight._version and same_bias
+        source = self._phase_source
+        if (source is None or source[0] is not weight or source[1] != weight._version or source[2] is not bias
+                or (bias is not None and source[3] != bias._version)):
+            self._phase_source = (weight, weight._version, bias, None if bias is None else bias._version)
+            self._phases = (upsample_phase_weight(weight).contiguous(memory_format=torch.channels_last),
+                            None if bias is None else bias.detach().repeat(4))
+        return self._phases
 
 
 class MidBlock(nn.Module):
