@@ -16,13 +16,18 @@
   `conv.cpp`, each written in place into the upsampled map (weights by `pack_parity_weight`);
 - `geglu(x, tiles, bias)` is a GEGLU feed-forward projection, value * GELU(gate), as one GEMM on
   AMX tiles with the GELU and the product in its epilogue, through `conv.cpp` too (a linear layer
-  is its convolution with one tap; weights packed once by `pack_geglu_weight`).
+  is its convolution with one tap; weights packed once by `pack_geglu_weight`);
+- `winograd_input(x)` and `winograd_output(products, bias, residual)` are the transforms of
+  Winograd's F(2x2, 3x3) convolution of a bf16 channels_last feature map, on AVX-512 through
+  `winograd.cpp`: `models.onednn.WinogradConv2d` runs its 16 GEMMs between them on oneDNN, with
+  the weight's transform from `winograd_weight`.
 
 Otherwise each goes to PyTorch, with the same results to bf16 rounding. Each kernel is a plain C++
 file built with the system's g++ into `~/.cache/ldmkit/kernels/` (a second or two, once per version
 of the file); without g++, the CPU features or Linux, or with LDMKIT_ATTENTION_KERNEL=0 or
 LDMKIT_GROUP_NORM_KERNEL=0 or LDMKIT_LAYER_NORM_KERNEL=0 in the environment, its calls go to PyTorch
-(and with LDMKIT_CONV_KERNEL=0 `prepack` leaves every convolution to oneDNN).
+(and with LDMKIT_CONV_KERNEL=0 `prepack` leaves every convolution to oneDNN, with
+LDMKIT_WINOGRAD_KERNEL=0 none to Winograd's).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ NEEDS = {  # /proc/cpuinfo flags each kernel needs
     "group_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "layer_norm": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
     "conv": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", *AMX_FLAGS},
+    "winograd": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"},
 }
 EXTRA_FLAGS = {"attention": ("-mavx512vbmi",)}  # only where NEEDS asks for it: no VBMI in the other kernels
 MAX_WIDTH = 160  # head widths the attention kernel takes (query/key and value; query/key even)
@@ -60,7 +66,8 @@ _libraries: dict[str, ctypes.CDLL | None] = {}  # kernel name -> library, or Non
 _enabled = {"attention": os.environ.get("LDMKIT_ATTENTION_KERNEL", "1") != "0",
             "group_norm": os.environ.get("LDMKIT_GROUP_NORM_KERNEL", "1") != "0",
             "layer_norm": os.environ.get("LDMKIT_LAYER_NORM_KERNEL", "1") != "0",
-            "conv": os.environ.get("LDMKIT_CONV_KERNEL", "1") != "0"}
+            "conv": os.environ.get("LDMKIT_CONV_KERNEL", "1") != "0",
+            "winograd": os.environ.get("LDMKIT_WINOGRAD_KERNEL", "1") != "0"}
 _scratch = torch.empty(0, dtype=torch.uint8)  # the packed K and V, kept between calls: no page faults per call
 _amx = False  # whether the attention kernel may use AMX tiles (the CPU has them and Linux granted them)
 
@@ -124,6 +131,11 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_geglu.restype = ctypes.c_int
         lib.ldm_geglu.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                                   + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+    elif name == "winograd":
+        lib.ldm_winograd_input.restype = ctypes.c_int
+        lib.ldm_winograd_input.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+        lib.ldm_winograd_output.restype = ctypes.c_int
+        lib.ldm_winograd_output.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     elif name == "layer_norm":
         lib.ldm_layer_norm.restype = ctypes.c_int
         lib.ldm_layer_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -157,6 +169,12 @@ def conv_kernel_available() -> bool:
     """Whether `conv3x3`, `upsample_conv3x3` and `geglu` can run here (AMX, g++, Linux) and
     LDMKIT_CONV_KERNEL is not 0."""
     return _enabled["conv"] and _load("conv") is not None
+
+
+def winograd_kernel_available() -> bool:
+    """Whether `winograd_input` and `winograd_output` can run here (AVX512-BF16, g++, Linux) and
+    LDMKIT_WINOGRAD_KERNEL is not 0."""
+    return _enabled["winograd"] and _load("winograd") is not None
 
 
 def set_attention_kernel(enabled: bool) -> bool:
@@ -304,6 +322,63 @@ def upsample_conv3x3(x: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor) -
                                       scratch.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"the upsample_conv3x3 kernel refused x {tuple(x.shape)} with {o} output channels")
+    return out
+
+
+# Winograd's F(2x2, 3x3): the weight's transform U = G g G^T, and G's left inverse (G^+ G = I)
+# that gives the weight back from U
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_WINOGRAD_G_INVERSE = torch.linalg.pinv(_WINOGRAD_G)
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The transform U = G g G^T of a 3x3 convolution's weight g (O, C, 3, 3), in float32 then
+    rounded to bf16: (16, O, C), position 4 i + j of the 4x4 as the linear weight of its GEMM."""
+    u = torch.einsum("ij,ocjk,lk->iloc", _WINOGRAD_G, weight.detach().float(), _WINOGRAD_G)
+    return u.reshape(16, *weight.shape[:2]).to(torch.bfloat16).contiguous()
+
+
+def winograd_weight_inverse(u: torch.Tensor) -> torch.Tensor:
+    """The float32 (O, C, 3, 3) weight whose `winograd_weight` is u (16, O, C), to u's rounding (bf16)."""
+    u = u.float().reshape(4, 4, *u.shape[1:])
+    return torch.einsum("ij,jkoc,lk->ocil", _WINOGRAD_G_INVERSE, u, _WINOGRAD_G_INVERSE)
+
+
+def winograd_input(x: torch.Tensor) -> torch.Tensor:
+    """The transforms V = B^T d B of the 4x4 input patches of a bf16 x (B, C, H, W) for a 3x3
+    convolution with zero padding 1, rounded to bf16: (16, tiles, C), tiles = B ceil(H/2) ceil(W/2)
+    in row-major order. Where `winograd_kernel_available()`."""
+    lib = _load("winograd")
+    b, c, h, w = x.shape
+    if lib is None or x.dtype != torch.bfloat16:
+        raise RuntimeError(f"winograd_input cannot run {x.dtype} x {tuple(x.shape)} here")
+    x = x.contiguous(memory_format=torch.channels_last)  # NHWC memory: the kernel's layout
+    v = x.new_empty(16, b * ((h + 1) // 2) * ((w + 1) // 2), c)
+    if lib.ldm_winograd_input(x.data_ptr(), b, h, w, c, v.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"the winograd_input kernel refused x {tuple(x.shape)}")
+    return v
+
+
+def winograd_output(products: list[torch.Tensor], shape: tuple[int, int, int], bias: torch.Tensor,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The convolution's output (B, O, H, W), channels_last, from the 16 GEMMs' products (tiles, O)
+    in bf16 (position 4 i + j each, tiles as `winograd_input` orders them) by Y = A^T M A per tile,
+    plus bias float32 (O,) and residual (B, O, H, W). `shape` is (B, H, W)."""
+    lib = _load("winograd")
+    (b, h, w), o = shape, products[0].shape[1]
+    tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
+    if (lib is None or len(products) != 16 or bias.shape != (o,) or bias.dtype != torch.float32
+            or not bias.is_contiguous() or any(m.shape != (tiles, o) or m.dtype != torch.bfloat16 or not m.is_contiguous() for m in products)):
+        raise RuntimeError(f"winograd_output cannot make a ({b}, {o}, {h}, {w}) output of these products here")
+    if residual is not None:
+        residual = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(b, o, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    pointers = (ctypes.c_void_p * 16)(*(m.data_ptr() for m in products))
+    status = lib.ldm_winograd_output(pointers, b, h, w, o, bias.data_ptr(),
+                                     None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                     torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"the winograd_output kernel refused a ({b}, {o}, {h}, {w}) output")
     return out
 
 
