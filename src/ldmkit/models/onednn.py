@@ -165,7 +165,6 @@ class WinogradConv2d(nn.Module):
         self.positions: list[Tensor] | None = None  # the 16 GEMMs' packed (O, C) weights, once chosen
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.bias32 = (torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().float()).contiguous()
-        self.weight_transform: Tensor | None = None  # (16, O, C), kept for dense_weight only
         self.decided = False
 
     def dense_weight(self) -> Tensor:
@@ -173,12 +172,13 @@ class WinogradConv2d(nn.Module):
         bf16 rounding on Winograd's."""
         if self.direct is not None:
             return self.direct.dense_weight()
-        return kernels.winograd_weight_inverse(self.weight_transform).to(torch.bfloat16)
+        transform = torch.stack([packed.to_dense() for packed in self.positions])  # (16, O, C)
+        return kernels.winograd_weight_inverse(transform).to(torch.bfloat16)
 
     def _decide(self, x: Tensor) -> None:
         if x.shape[2] * x.shape[3] >= WINOGRAD_MIN_PIXELS:
-            self.weight_transform = kernels.winograd_weight(self.direct.dense_weight())
-            self.positions = [_MKLDNN._reorder_linear_weight(u, None) for u in self.weight_transform]
+            transform = kernels.winograd_weight(self.direct.dense_weight())  # (16, O, C)
+            self.positions = [_MKLDNN._reorder_linear_weight(u, None) for u in transform]
             self.direct = None
         self.decided = True
 
