@@ -25,15 +25,6 @@
 
 namespace {
 
-inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 to float32
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-inline void store16(uint16_t* p, __m512 x, __mmask16 m) {  // round to nearest even
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
 // x * sigmoid(x) = x / (1 + 2^(-x log2 e)), with the reciprocal's estimate (relative error 6e-5,
 // as 2^x's 8e-5 below the bf16 rounding of the result); 2^x saturates to inf, whose reciprocal is 0
 inline __m512 silu(__m512 x) {
@@ -50,7 +41,7 @@ void channel_sums(const uint16_t* x, long C, long P, bool nhwc, long p0, long p1
       const uint16_t* row = x + p * C;
       for (long c = 0; c < C; c += 16) {
         const __mmask16 m = ldm::mask_from(C - c);
-        const __m512 d = _mm512_sub_ps(load16(row + c, m), _mm512_maskz_loadu_ps(m, pivot + c));
+        const __m512 d = _mm512_sub_ps(ldm::load16(row + c, m), _mm512_maskz_loadu_ps(m, pivot + c));
         _mm512_mask_storeu_ps(a.data() + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a.data() + c), d));
         _mm512_mask_storeu_ps(b.data() + c, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, b.data() + c)));
       }
@@ -69,7 +60,7 @@ void channel_sums(const uint16_t* x, long C, long P, bool nhwc, long p0, long p1
       const long end = p + 4096 < p1 ? p + 4096 : p1;
       for (long q = p; q < end; q += 16) {
         const __mmask16 m = ldm::mask_from(end - q);
-        const __m512 d = _mm512_maskz_sub_ps(m, load16(plane + q, m), piv);
+        const __m512 d = _mm512_maskz_sub_ps(m, ldm::load16(plane + q, m), piv);
         a = _mm512_add_ps(a, d);
         b = _mm512_fmadd_ps(d, d, b);
       }
@@ -87,9 +78,9 @@ void normalise(const uint16_t* x, uint16_t* out, long C, long P, bool nhwc, long
     for (long p = p0; p < p1; ++p) {
       for (long c = 0; c < C; c += 16) {
         const __mmask16 m = ldm::mask_from(C - c);
-        __m512 y = _mm512_fmadd_ps(load16(x + p * C + c, m), _mm512_maskz_loadu_ps(m, scale + c),
+        __m512 y = _mm512_fmadd_ps(ldm::load16(x + p * C + c, m), _mm512_maskz_loadu_ps(m, scale + c),
                                    _mm512_maskz_loadu_ps(m, offset + c));
-        store16(out + p * C + c, SILU ? silu(y) : y, m);
+        ldm::store16(out + p * C + c, SILU ? silu(y) : y, m);
       }
     }
     return;
@@ -98,8 +89,8 @@ void normalise(const uint16_t* x, uint16_t* out, long C, long P, bool nhwc, long
     const __m512 a = _mm512_set1_ps(scale[c]), b = _mm512_set1_ps(offset[c]);
     for (long p = p0; p < p1; p += 16) {
       const __mmask16 m = ldm::mask_from(p1 - p);
-      const __m512 y = _mm512_fmadd_ps(load16(x + c * P + p, m), a, b);
-      store16(out + c * P + p, SILU ? silu(y) : y, m);
+      const __m512 y = _mm512_fmadd_ps(ldm::load16(x + c * P + p, m), a, b);
+      ldm::store16(out + c * P + p, SILU ? silu(y) : y, m);
     }
   }
 }

@@ -13,27 +13,22 @@
 
 namespace {
 
-inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 to float32
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 void normalize_row(const uint16_t* x, uint16_t* out, int width, const float* weight, const float* bias, float eps) {
   __m512 sum = _mm512_setzero_ps();
-  for (int c = 0; c < width; c += 16) sum = _mm512_add_ps(sum, load16(x + c, ldm::mask_from(width - c)));
+  for (int c = 0; c < width; c += 16) sum = _mm512_add_ps(sum, ldm::load16(x + c, ldm::mask_from(width - c)));
   const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / width);
   __m512 squares = _mm512_setzero_ps();
   for (int c = 0; c < width; c += 16) {
     const __mmask16 m = ldm::mask_from(width - c);
-    const __m512 d = _mm512_maskz_sub_ps(m, load16(x + c, m), mean);
+    const __m512 d = _mm512_maskz_sub_ps(m, ldm::load16(x + c, m), mean);
     squares = _mm512_fmadd_ps(d, d, squares);
   }
   const __m512 inv_std = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / width + eps));
   for (int c = 0; c < width; c += 16) {
     const __mmask16 m = ldm::mask_from(width - c);
     const __m512 scale = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + c), inv_std);
-    const __m512 y = _mm512_fmadd_ps(_mm512_sub_ps(load16(x + c, m), mean), scale, _mm512_maskz_loadu_ps(m, bias + c));
-    _mm256_mask_storeu_epi16(out + c, m, (__m256i)_mm512_cvtneps_pbh(y));
+    const __m512 y = _mm512_fmadd_ps(_mm512_sub_ps(ldm::load16(x + c, m), mean), scale, _mm512_maskz_loadu_ps(m, bias + c));
+    ldm::store16(out + c, y, m);
   }
 }
 

@@ -11,6 +11,15 @@ inline __mmask16 mask_from(long n) {
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 to float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline void store16(uint16_t* p, __m512 x, __mmask16 m) {  // 16 float32 to bf16, rounded to nearest even
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // 2^x = 2^floor(x) * p(frac), p a cubic fit of 2^f on [0, 1) (relative error 8e-5). vreduceps
 // gives frac = x - floor(x) in one instruction, and scalef takes floor(x) itself: 5 instructions in
 // all (GroupNorm's SiLU). scalef takes exponents far below -126 to 0 (or subnormals) and far above

@@ -17,15 +17,6 @@
 
 namespace {
 
-inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 to float32
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-inline void store16(uint16_t* p, __m512 x, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-
 // V = B^T d B for one tile's 16 channels from c; d rows and columns past the map are zeros.
 void input_tile(const uint16_t* x, int h, int w, long c, long c0, int y0, int x0, uint16_t* v, long plane) {
   const __mmask16 m = ldm::mask_from(c - c0);
@@ -33,7 +24,7 @@ void input_tile(const uint16_t* x, int h, int w, long c, long c0, int y0, int x0
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) {
       const int y = y0 + i, xx = x0 + j;
-      d[i][j] = (y >= 0 && y < h && xx >= 0 && xx < w) ? load16(x + ((long)y * w + xx) * c + c0, m)
+      d[i][j] = (y >= 0 && y < h && xx >= 0 && xx < w) ? ldm::load16(x + ((long)y * w + xx) * c + c0, m)
                                                       : _mm512_setzero_ps();
     }
   __m512 t[4][4];  // B^T d
@@ -45,10 +36,10 @@ void input_tile(const uint16_t* x, int h, int w, long c, long c0, int y0, int x0
   }
   for (int i = 0; i < 4; ++i) {  // (B^T d) B, position (i, j) into plane 4i + j
     uint16_t* row = v + (4 * i) * plane + c0;
-    store16(row, _mm512_sub_ps(t[i][0], t[i][2]), m);
-    store16(row + plane, _mm512_add_ps(t[i][1], t[i][2]), m);
-    store16(row + 2 * plane, _mm512_sub_ps(t[i][2], t[i][1]), m);
-    store16(row + 3 * plane, _mm512_sub_ps(t[i][1], t[i][3]), m);
+    ldm::store16(row, _mm512_sub_ps(t[i][0], t[i][2]), m);
+    ldm::store16(row + plane, _mm512_add_ps(t[i][1], t[i][2]), m);
+    ldm::store16(row + 2 * plane, _mm512_sub_ps(t[i][2], t[i][1]), m);
+    ldm::store16(row + 3 * plane, _mm512_sub_ps(t[i][1], t[i][3]), m);
   }
 }
 
@@ -59,8 +50,8 @@ void output_tile(const uint16_t* const* mats, long tile, int h, int w, long o, l
   __m512 s[2][4];  // A^T M
   for (int j = 0; j < 4; ++j) {
     const long at = tile * o + o0;
-    const __m512 m0 = load16(mats[j] + at, m), m1 = load16(mats[4 + j] + at, m);
-    const __m512 m2 = load16(mats[8 + j] + at, m), m3 = load16(mats[12 + j] + at, m);
+    const __m512 m0 = ldm::load16(mats[j] + at, m), m1 = ldm::load16(mats[4 + j] + at, m);
+    const __m512 m2 = ldm::load16(mats[8 + j] + at, m), m3 = ldm::load16(mats[12 + j] + at, m);
     s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
     s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
   }
@@ -73,8 +64,8 @@ void output_tile(const uint16_t* const* mats, long tile, int h, int w, long o, l
     for (int j = 0; j < 2 && x0 + j < w; ++j) {
       const long at = ((long)y * w + x0 + j) * o + o0;
       __m512 value = j == 0 ? left : right;
-      if (residual) value = _mm512_add_ps(value, load16(residual + at, m));
-      store16(out + at, value, m);
+      if (residual) value = _mm512_add_ps(value, ldm::load16(residual + at, m));
+      ldm::store16(out + at, value, m);
     }
   }
 }
