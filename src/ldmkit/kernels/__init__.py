@@ -135,7 +135,8 @@ def _open(name: str) -> ctypes.CDLL | None:
         lib.ldm_winograd_input.restype = ctypes.c_int
         lib.ldm_winograd_input.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
         lib.ldm_winograd_output.restype = ctypes.c_int
-        lib.ldm_winograd_output.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        lib.ldm_winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
+                                            + [ctypes.c_int])
     elif name == "layer_norm":
         lib.ldm_layer_norm.restype = ctypes.c_int
         lib.ldm_layer_norm.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -368,7 +369,8 @@ def winograd_output(products: list[torch.Tensor], shape: tuple[int, int, int], b
     (b, h, w), o = shape, products[0].shape[1]
     tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
     if (lib is None or len(products) != 16 or bias.shape != (o,) or bias.dtype != torch.float32
-            or not bias.is_contiguous() or any(m.shape != (tiles, o) or m.dtype != torch.bfloat16 or not m.is_contiguous() for m in products)):
+            or not bias.is_contiguous()
+            or any(m.shape != (tiles, o) or m.dtype != torch.bfloat16 or not m.is_contiguous() for m in products)):
         raise RuntimeError(f"winograd_output cannot make a ({b}, {o}, {h}, {w}) output of these products here")
     if residual is not None:
         residual = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)

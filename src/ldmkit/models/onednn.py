@@ -196,7 +196,8 @@ class WinogradConv2d(nn.Module):
             return self.direct(x) if residual is None else self.direct.forward_plus(x, residual)
         b, _, h, w = x.shape
         v = kernels.winograd_input(x)
-        products = [_MKLDNN._linear_pointwise(v[p], weight, None, "none", [], "") for p, weight in enumerate(self.positions)]
+        products = [_MKLDNN._linear_pointwise(v[p], weight, None, "none", [], "")
+                    for p, weight in enumerate(self.positions)]
         return kernels.winograd_output(products, (b, h, w), self.bias32, residual)
 
 
