@@ -22,8 +22,10 @@ channels_last weights and inputs (U-Net and VAE: the layout's effect alone; what
 runs in float32 on the CPU, so the txt2img workload's "ldmkit fp32" is channels_last), ldmkit with
 bf16 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked for oneDNN
 (`ldmkit.models.onednn`, what `load_pipeline` runs in bf16 where oneDNN has bf16 kernels; elsewhere
-the bf16 pipelines use bf16 channels_last), and with --compile bf16 channels_last under
-torch.compile. The diffusers / transformers models share ldmkit fp32's weight tensors, so the
+the bf16 pipelines use bf16 channels_last), that prepacked U-Net with the other choice of
+Winograd's 3x3 convolutions (`onednn.prepack(model, winograd=...)`: on by default only where the
+CPU has no AMX, so the variant is "direct 3x3" there and "Winograd" on AMX, where it is otherwise
+unmeasured), and with --compile bf16 channels_last under torch.compile. The diffusers / transformers models share ldmkit fp32's weight tensors, so the
 weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
@@ -78,7 +80,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldmkit import kernels
 from ldmkit.checkpoints.keys_unet_vae import unet_config_to_diffusers, vae_config_to_diffusers
-from ldmkit.cpu import HUGE_PAGES_VARIABLE, keep_freed_memory, linux_huge_page_mode
+from ldmkit.cpu import HUGE_PAGES_VARIABLE, cpu_has_amx, keep_freed_memory, linux_huge_page_mode
 from ldmkit.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldmkit.models import onednn
 from ldmkit.models.clip import CLIPTextConfig, CLIPTextModel, text_config_to_transformers
@@ -106,6 +108,8 @@ LBF = LPK if onednn.available(BF16) else L16  # the bf16 U-Net load_pipeline bui
 LP2 = f"{LPK}, distinct latents"  # the U-Net step on a batch whose rows all differ: no shared start
 LPS = f"{LBF} SDPA"  # that with PyTorch's attention kernel in place of ours
 LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of our kernel
+# ... with the other choice of Winograd's 3x3 convolutions than prepack's default (on where the CPU has no AMX)
+LPW = f"{LPK}, Winograd" if cpu_has_amx() else f"{LPK}, direct 3x3"
 L16G = "ldmkit bf16 CL PyTorch GN"
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
@@ -352,6 +356,7 @@ class Models:
     text: CLIPTextModel
     unet16: UNet  # bf16, channels_last
     unet_packed: UNet | None  # bf16, layers prepacked (models.onednn); None where oneDNN has no bf16 here
+    unet_packed_other: UNet | None  # that with the other choice of Winograd's way (LPW); None where it has none
     vae16: AutoencoderKL  # bf16, channels_last
     unet_cl: UNet  # float32, channels_last
     vae_cl: AutoencoderKL  # float32, channels_last
@@ -375,11 +380,17 @@ def build_models(sizes: Sizes, compile_backend: str | None) -> Models:
     d_vae = shared_reference(diffusers.AutoencoderKL(**vcfg_d), vae)
     hf_cfg = transformers.CLIPTextConfig(**text_config_to_transformers(tcfg))
     d_text = shared_reference(transformers.CLIPTextModel(hf_cfg), text)
+    packs = onednn.available(BF16)
+    winograd_choice = packs and kernels.winograd_kernel_available()
+
+    def packed(winograd: bool | None) -> UNet:
+        return onednn.prepack(converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=False), winograd)
+
     models = Models(
         unet, vae, text,
         converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=True),
-        onednn.prepack(converted_copy(unet, lambda: UNet(ucfg), BF16, channels_last=False))
-        if onednn.available(BF16) else None,
+        packed(None) if packs else None,
+        packed(cpu_has_amx()) if winograd_choice else None,
         converted_copy(vae, lambda: AutoencoderKL(vcfg), BF16, channels_last=True),
         converted_copy(unet, lambda: UNet(ucfg), torch.float32, channels_last=True),
         converted_copy(vae, lambda: AutoencoderKL(vcfg), torch.float32, channels_last=True),
@@ -449,6 +460,8 @@ def unet_workload(m: Models, sizes: Sizes, compile_: bool) -> Workload:
     if m.unet_packed is not None:
         variants[LPK] = lambda: m.unet_packed(x16, t, ctx16)
         variants[LP2] = lambda: m.unet_packed(distinct16, t, ctx16)
+    if m.unet_packed_other is not None:
+        variants[LPW] = lambda: m.unet_packed_other(x16, t, ctx16)
     if kernels.attention_kernel():
         variants[LPS] = kernel_off(kernels.set_attention_kernel, variants[LBF])
     if kernels.group_norm_kernel_available():
@@ -754,6 +767,7 @@ def quality_checks(workloads: dict[str, Workload]) -> list[Check]:
     if unet is not None:
         for a, b, target in ((L16, L32, UNET_REL_ERR_TARGET), (LPK, L32, UNET_REL_ERR_TARGET),
                              (LPS, L32, UNET_REL_ERR_TARGET), (LPG, L32, UNET_REL_ERR_TARGET),
+                             (LPW, L32, UNET_REL_ERR_TARGET),
                              (LCO, L32, UNET_REL_ERR_TARGET), (DAC, D32, None),
                              (L32, D32, None), (LCL, L32, None)):
             if unet.has(a, b):

@@ -38,8 +38,9 @@ def test_bench_smoke_writes_the_report(tmp_path):
 
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     gn_kernel = kernels.group_norm_kernel_available()  # + "... PyTorch GN" variants
+    winograd = PACKED and kernels.winograd_kernel_available()  # + "..., Winograd" or "..., direct 3x3"
     # + "... distinct latents" with packed, + "... SDPA"
-    unet_variants = 5 + 2 * PACKED + bool(kernels.attention_kernel()) + gn_kernel
+    unet_variants = 5 + 2 * PACKED + bool(kernels.attention_kernel()) + gn_kernel + winograd
     for workload, variants in (("U-Net step", unet_variants), ("VAE decode", 5 + gn_kernel), ("text encode", 4)):
         timed = [r for r in rows if r.startswith(f"| {workload} ")]
         assert len(timed) == variants, f"{workload}: {timed}"
@@ -62,3 +63,15 @@ def test_bench_smoke_writes_the_report(tmp_path):
     # every tiny module runs with bf16 weights and channels_last inputs
     assert "## bf16 weights + channels_last inputs on tiny modules" in report
     assert "ERROR" not in report and "NON-FINITE" not in report
+
+
+@pytest.mark.skipif(not PACKED, reason="oneDNN has no bf16 kernels on this CPU")
+def test_convolution_bench_times_each_way_and_adds_up_the_step():
+    cmd = [sys.executable, str(ROOT / "bench" / "convs.py"), "--preset", "tiny", "--runs", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 2 x ")]
+    assert rows and all(float(cells[2]) > 0 for cells in rows)  # oneDNN's direct time for every shape
+    assert all((cells[4].strip() != "") == kernels.winograd_kernel_available() for cells in rows)
+    per_step = [line for line in proc.stdout.splitlines() if line.startswith("per step with prepack(winograd=")]
+    assert len(per_step) == 2 and sum("prepack's default here" in line for line in per_step) == 1

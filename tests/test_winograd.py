@@ -120,18 +120,31 @@ def test_winograd_output_refuses_products_of_the_wrong_shape():
         kernels.winograd_output(products, (1, 4, 4), torch.zeros(16, dtype=BF16))
 
 
-def test_prepack_gives_bf16_3x3_convolutions_to_winograd_without_amx_only(monkeypatch):
+def test_prepack_gives_bf16_3x3_convolutions_to_winograd_where_asked_by_default_without_amx(monkeypatch):
     torch.manual_seed(0)
     unet = UNet(unet_preset("tiny")).eval().to(BF16)
-    packed = onednn.prepack(copy.deepcopy(unet))
-    winograd = [m for m in packed.modules() if isinstance(m, onednn.WinogradConv2d)]
-    if cpu_has_amx():
-        assert winograd == []  # not measured there
-        return
+
+    def winograd_convolutions(model, **how):
+        return [m for m in onednn.prepack(copy.deepcopy(model), **how).modules() if isinstance(m, onednn.WinogradConv2d)]
+
     upsamplers = {id(m.conv) for m in unet.modules() if isinstance(m, Upsample)}  # keep their parity convolutions
     wide = [m for m in unet.modules() if type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1)
             and min(m.in_channels, m.out_channels) >= onednn.WINOGRAD_MIN_CHANNELS and id(m) not in upsamplers]
-    assert wide and len(winograd) == len(wide)
-    assert not any(isinstance(m, onednn.WinogradConv2d) for m in onednn.prepack(copy.deepcopy(unet).float()).modules())
+    assert wide and len(winograd_convolutions(unet, winograd=True)) == len(wide)
+    assert len(winograd_convolutions(unet)) == (0 if cpu_has_amx() else len(wide))  # the default: not measured on AMX
+    assert winograd_convolutions(unet, winograd=False) == []
+    assert winograd_convolutions(unet.float(), winograd=True) == []  # bf16 only
     monkeypatch.setitem(kernels._enabled, "winograd", False)  # LDMKIT_WINOGRAD_KERNEL=0
-    assert not any(isinstance(m, onednn.WinogradConv2d) for m in onednn.prepack(copy.deepcopy(unet)).modules())
+    assert winograd_convolutions(unet.to(BF16), winograd=True) == []
+
+
+def test_winograd_keeps_the_amx_kernel_as_its_direct_way_where_that_takes_the_convolution():
+    torch.manual_seed(0)
+    assert isinstance(onednn.WinogradConv2d(nn.Conv2d(64, 64, 3, padding=1).to(BF16)).direct, onednn.PackedConv2d)
+    wide = nn.Conv2d(64, onednn.AMX_CONV_MIN_CHANNELS, 3, padding=1).to(BF16)
+    wino = onednn.WinogradConv2d(wide)
+    assert isinstance(wino.direct, onednn.AmxConv2d if kernels.conv_kernel_available() else onednn.PackedConv2d)
+    small = torch.randn(2, 64, 8, 8).to(BF16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert worst_pixel_error(wino(small), exact(wide, small)) < 0.01  # the direct way, kept for good
+    assert wino.direct is not None

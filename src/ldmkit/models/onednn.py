@@ -10,10 +10,10 @@ reorder once, and replaces in place
   at least `AMX_CONV_MIN_CHANNELS` output channels) where the CPU has AMX: those by `AmxConv2d`,
   our own kernel (`kernels.conv3x3`), which ran the SD 1.5 U-Net's 1280-channel convolutions at
   16x16 and 8x8 in 0.6-0.75 of oneDNN's time (LDMKIT_CONV_KERNEL=0: oneDNN for all, GEGLUs too),
-  and, where the CPU has no AMX, the bf16 3x3 ones (stride 1, at least `WINOGRAD_MIN_CHANNELS`
-  channels) by `WinogradConv2d`: Winograd's F(2x2, 3x3) on maps from `WINOGRAD_MIN_PIXELS` on,
-  1.7-2 times as fast as oneDNN's direct way on AMD Zen 5, at 0.5% relative error against 0.17%
-  (LDMKIT_WINOGRAD_KERNEL=0: the direct way),
+  and, with `prepack(model, winograd=True)` (the default where the CPU has no AMX), the bf16 3x3
+  ones (stride 1, at least `WINOGRAD_MIN_CHANNELS` channels) by `WinogradConv2d`: Winograd's
+  F(2x2, 3x3) on maps from `WINOGRAD_MIN_PIXELS` on, 1.7-2 times as fast as oneDNN's direct way
+  on AMD Zen 5, at 0.5% relative error against 0.17% (LDMKIT_WINOGRAD_KERNEL=0: never),
 - every `nn.Linear` by `PackedLinear`,
 - every GEGLU feed-forward projection, where the CPU has AMX, by `AmxGEGLU`: one GEMM on our
   kernel (`kernels.geglu`) with the bias, GELU and product in its epilogue; elsewhere by
@@ -69,7 +69,8 @@ PHASES_MIN_PIXELS = 512
 # Where the CPU has no AMX, bf16 3x3 convolutions with at least this many input and output channels
 # go to `WinogradConv2d`, which takes Winograd's way on maps of at least `WINOGRAD_MIN_PIXELS` (H x W):
 # SD 1.5's 64x64 to 16x16 levels, not its 8x8 one (see the class). Not measured on AMX CPUs,
-# where the wide convolutions have our AMX kernel: there they stay on it and oneDNN.
+# where the wide convolutions have our AMX kernel: there they stay on it and oneDNN unless
+# `prepack(model, winograd=True)` asks (the benchmark's variant for measuring it there).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_PIXELS = 256
 
@@ -156,12 +157,14 @@ class WinogradConv2d(nn.Module):
 
     Its transformed weight takes 16/9 of the direct one's memory, which at 8x8 (half of SD 1.5's
     3x3 weights) would buy little, so the first call without gradients fixes the way: Winograd's on
-    maps of at least `WINOGRAD_MIN_PIXELS`, else the `PackedConv2d` made at the start, whose
+    maps of at least `min_pixels` (H x W), else the direct convolution made at the start, whose
     weight Winograd's way then releases."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, min_pixels: int = WINOGRAD_MIN_PIXELS):
         super().__init__()
-        self.direct: PackedConv2d | None = PackedConv2d(conv)
+        self.min_pixels = min_pixels
+        # the direct way: our AMX kernel where it takes the convolution (wide ones on small maps), else oneDNN
+        self.direct: AmxConv2d | PackedConv2d | None = AmxConv2d(conv) if _amx_conv_takes(conv) else PackedConv2d(conv)
         self.positions: list[Tensor] | None = None  # the 16 GEMMs' packed (O, C) weights, once chosen
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.bias32 = (torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().float()).contiguous()
@@ -176,7 +179,7 @@ class WinogradConv2d(nn.Module):
         return kernels.winograd_weight_inverse(transform).to(torch.bfloat16)
 
     def _decide(self, x: Tensor) -> None:
-        if x.shape[2] * x.shape[3] >= WINOGRAD_MIN_PIXELS:
+        if x.shape[2] * x.shape[3] >= self.min_pixels:
             transform = kernels.winograd_weight(self.direct.dense_weight())  # (16, O, C)
             self.positions = [_MKLDNN._reorder_linear_weight(u, None) for u in transform]
             self.direct = None
@@ -233,8 +236,10 @@ def _plain_3x3(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-def _winograd_takes(conv: nn.Conv2d) -> bool:
-    return (_plain_3x3(conv) and conv.weight.dtype == torch.bfloat16 and not cpu_has_amx()
+def _winograd_takes(conv: nn.Conv2d, winograd: bool | None) -> bool:
+    """Whether `prepack(..., winograd)` gives `conv` to `WinogradConv2d` (None: where the CPU has no AMX)."""
+    wanted = not cpu_has_amx() if winograd is None else winograd
+    return (wanted and _plain_3x3(conv) and conv.weight.dtype == torch.bfloat16
             and min(conv.in_channels, conv.out_channels) >= WINOGRAD_MIN_CHANNELS
             and kernels.winograd_kernel_available())
 
@@ -353,25 +358,27 @@ class PackedUpsample(nn.Module):
         return scatter_parities(self._phase_conv()(x), h, w)
 
 
-def _packed(module: nn.Module) -> nn.Module | None:
+def _packed(module: nn.Module, winograd: bool | None) -> nn.Module | None:
     """The packed replacement of `module`, or None to leave it (and look inside it)."""
     if isinstance(module, GEGLU):
         return AmxGEGLU(module) if _amx_geglu_takes(module) else PackedGEGLU(module)
     if type(module) is Upsample and _plain_3x3(module.conv):
         return PackedUpsample(module)
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        if _amx_conv_takes(module):
-            return AmxConv2d(module)
-        return WinogradConv2d(module) if _winograd_takes(module) else PackedConv2d(module)
+        if _winograd_takes(module, winograd):
+            return WinogradConv2d(module)
+        return AmxConv2d(module) if _amx_conv_takes(module) else PackedConv2d(module)
     if type(module) is nn.Linear:
         return PackedLinear(module.weight, module.bias)
     return None
 
 
 @torch.no_grad()
-def prepack(model: nn.Module) -> nn.Module:
+def prepack(model: nn.Module, winograd: bool | None = None) -> nn.Module:
     """Replace `model`'s convolutions, linear layers and GEGLUs by packed ones, in place (see the
-    module docstring); returns `model`. CPU models only; a build without oneDNN is an error."""
+    module docstring); returns `model`. `winograd`: whether bf16 3x3 convolutions may take
+    Winograd's way (`WinogradConv2d`); None: where the CPU has no AMX, the only place it was
+    measured to pay. CPU models only; a build without oneDNN is an error."""
     if not available():
         raise RuntimeError("this PyTorch build has no oneDNN inference kernels; run the model unpacked")
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -379,14 +386,14 @@ def prepack(model: nn.Module) -> nn.Module:
     if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not available(torch.bfloat16):
         raise RuntimeError("oneDNN has no bf16 kernels for this CPU (they need AVX-512 or AVX-NE-CONVERT); "
                            "run the bf16 model unpacked")
-    _pack_children(model)
+    _pack_children(model, winograd)
     return model
 
 
-def _pack_children(parent: nn.Module) -> None:
+def _pack_children(parent: nn.Module, winograd: bool | None) -> None:
     for name, child in list(parent.named_children()):
-        replacement = _packed(child)
+        replacement = _packed(child, winograd)
         if replacement is None:
-            _pack_children(child)
+            _pack_children(child, winograd)
         else:
             setattr(parent, name, replacement)
