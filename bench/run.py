@@ -25,8 +25,8 @@ bf16 weights and channels_last, ldmkit bf16 with the U-Net's layers prepacked fo
 the bf16 pipelines use bf16 channels_last), that prepacked U-Net with the other choice of
 Winograd's 3x3 convolutions (`onednn.prepack(model, winograd=...)`: on by default only where the
 CPU has no AMX, so the variant is "direct 3x3" there and "Winograd" on AMX, where it is otherwise
-unmeasured), and with --compile bf16 channels_last under torch.compile. The diffusers / transformers models share ldmkit fp32's weight tensors, so the
-weights are held once.
+unmeasured), and with --compile bf16 channels_last under torch.compile. The diffusers /
+transformers models share ldmkit fp32's weight tensors, so the weights are held once.
 
 Reported per workload and variant: median seconds over --runs runs (after --warmup untimed calls),
 speed-up against diffusers fp32 and diffusers bf16 autocast (their time / this time, > 1 is

@@ -125,7 +125,8 @@ def test_prepack_gives_bf16_3x3_convolutions_to_winograd_where_asked_by_default_
     unet = UNet(unet_preset("tiny")).eval().to(BF16)
 
     def winograd_convolutions(model, **how):
-        return [m for m in onednn.prepack(copy.deepcopy(model), **how).modules() if isinstance(m, onednn.WinogradConv2d)]
+        packed = onednn.prepack(copy.deepcopy(model), **how)
+        return [m for m in packed.modules() if isinstance(m, onednn.WinogradConv2d)]
 
     upsamplers = {id(m.conv) for m in unet.modules() if isinstance(m, Upsample)}  # keep their parity convolutions
     wide = [m for m in unet.modules() if type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1)
