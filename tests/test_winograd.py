@@ -149,3 +149,16 @@ def test_winograd_keeps_the_amx_kernel_as_its_direct_way_where_that_takes_the_co
     with torch.no_grad():
         assert worst_pixel_error(wino(small), exact(wide, small)) < 0.01  # the direct way, kept for good
     assert wino.direct is not None
+
+
+def test_winograd_takes_its_transform_from_the_amx_kernels_weight_tiles():
+    # on an AMX CPU a wide convolution's direct way is `AmxConv2d`; its tiles are plain tensors, so
+    # the step from them to Winograd's way runs anywhere
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1).to(BF16)
+    wino = onednn.WinogradConv2d(conv)
+    wino.direct = onednn.AmxConv2d(conv)
+    x = torch.randn(2, 64, 16, 16).to(BF16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert worst_pixel_error(wino(x), exact(conv, x)) < 0.01
+    assert wino.direct is None
