@@ -65,6 +65,28 @@ def test_winograd_convolution_matches_the_exact_one_at_every_pixel(b, c, o, h, w
     assert worst_pixel_error(summed, ref + residual.double()) < 0.01
 
 
+@pytest.mark.parametrize("band_rows", [1, 4, 8])  # 4 and 8: bands that straddle the two images' tile rows
+def test_a_large_map_goes_through_in_bands_of_tile_rows_to_the_same_output(monkeypatch, band_rows):
+    b, c, o, h, w = 2, 64, 80, 17, 20  # 9 tile rows an image
+    conv = bf16_conv(c, o, True)
+    x, residual = feature_map(b, c, h, w), feature_map(b, o, h, w, seed=2)
+    wino = onednn.WinogradConv2d(conv)
+    with torch.no_grad():
+        whole = wino.forward_plus(x, residual)
+        monkeypatch.setattr(onednn, "WINOGRAD_BAND_BYTES", band_rows * 16 * (w // 2) * (c + o) * 2)
+        banded = wino.forward_plus(x, residual)
+    assert torch.equal(banded, whole)
+    assert worst_pixel_error(banded, exact(conv, x) + residual.double()) < 0.01
+
+
+def test_the_transforms_refuse_tile_rows_outside_the_batch():
+    x = feature_map(2, 16, 6, 6)  # 6 tile rows
+    assert kernels.winograd_input(x, (2, 6)).shape == (16, 4 * 3, 16)
+    for rows in ((0, 7), (-1, 2), (3, 3)):
+        with pytest.raises(RuntimeError, match="refused"):
+            kernels.winograd_input(x, rows)
+
+
 def test_small_maps_take_the_direct_way_for_good_and_large_ones_winograds():
     conv = bf16_conv(64, 64)
     side = int(onednn.WINOGRAD_MIN_PIXELS ** 0.5)

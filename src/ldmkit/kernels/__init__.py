@@ -133,9 +133,9 @@ def _open(name: str) -> ctypes.CDLL | None:
                                   + [ctypes.c_void_p] * 2 + [ctypes.c_int])
     elif name == "winograd":
         lib.ldm_winograd_input.restype = ctypes.c_int
-        lib.ldm_winograd_input.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int]
+        lib.ldm_winograd_input.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_void_p, ctypes.c_int]
         lib.ldm_winograd_output.restype = ctypes.c_int
-        lib.ldm_winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
+        lib.ldm_winograd_output.argtypes = ([ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3
                                             + [ctypes.c_int])
     elif name == "layer_norm":
         lib.ldm_layer_norm.restype = ctypes.c_int
@@ -345,42 +345,57 @@ def winograd_weight_inverse(u: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,jkoc,lk->ocil", _WINOGRAD_G_INVERSE, u, _WINOGRAD_G_INVERSE)
 
 
-def winograd_input(x: torch.Tensor) -> torch.Tensor:
+def winograd_tile_rows(b: int, h: int) -> int:
+    """How many rows of 2x2 tiles a batch of b maps of height h has: the range of `winograd_input`'s rows."""
+    return b * ((h + 1) // 2)
+
+
+def winograd_input(x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The transforms V = B^T d B of the 4x4 input patches of a bf16 x (B, C, H, W) for a 3x3
-    convolution with zero padding 1, rounded to bf16: (16, tiles, C), tiles = B ceil(H/2) ceil(W/2)
-    in row-major order. Where `winograd_kernel_available()`."""
+    convolution with zero padding 1, rounded to bf16: (16, tiles, C) for the tiles in `rows` =
+    [first, end) of the batch's `winograd_tile_rows` (None: all), row-major, ceil(W/2) a row.
+    x should be channels_last (else it is copied so). Where `winograd_kernel_available()`."""
     lib = _load("winograd")
     b, c, h, w = x.shape
+    first, end = rows or (0, winograd_tile_rows(b, h))
     if lib is None or x.dtype != torch.bfloat16:
         raise RuntimeError(f"winograd_input cannot run {x.dtype} x {tuple(x.shape)} here")
     x = x.contiguous(memory_format=torch.channels_last)  # NHWC memory: the kernel's layout
-    v = x.new_empty(16, b * ((h + 1) // 2) * ((w + 1) // 2), c)
-    if lib.ldm_winograd_input(x.data_ptr(), b, h, w, c, v.data_ptr(), torch.get_num_threads()) != 0:
-        raise RuntimeError(f"the winograd_input kernel refused x {tuple(x.shape)}")
+    v = x.new_empty(16, max(end - first, 0) * ((w + 1) // 2), c)
+    if lib.ldm_winograd_input(x.data_ptr(), b, h, w, c, first, end, v.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"the winograd_input kernel refused x {tuple(x.shape)}, tile rows {first} to {end}")
     return v
 
 
 def winograd_output(products: list[torch.Tensor], shape: tuple[int, int, int], bias: torch.Tensor,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The convolution's output (B, O, H, W), channels_last, from the 16 GEMMs' products (tiles, O)
     in bf16 (position 4 i + j each, tiles as `winograd_input` orders them) by Y = A^T M A per tile,
-    plus bias float32 (O,) and residual (B, O, H, W). `shape` is (B, H, W)."""
+    plus bias float32 (O,) and residual (B, O, H, W). `shape` is (B, H, W). With `rows` (the
+    products' tile rows, as given to `winograd_input`) only those output pixels are written, into
+    `out` (a channels_last bf16 (B, O, H, W); None: a new tensor), which is returned."""
     lib = _load("winograd")
     (b, h, w), o = shape, products[0].shape[1]
-    tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
+    first, end = rows or (0, winograd_tile_rows(b, h))
+    tiles = (end - first) * ((w + 1) // 2)
+    if out is None:
+        out = torch.empty(b, o, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
     if (lib is None or len(products) != 16 or bias.shape != (o,) or bias.dtype != torch.float32
             or not bias.is_contiguous()
-            or any(m.shape != (tiles, o) or m.dtype != torch.bfloat16 or not m.is_contiguous() for m in products)):
+            or any(m.shape != (tiles, o) or m.dtype != torch.bfloat16 or not m.is_contiguous() for m in products)
+            or out.shape != (b, o, h, w) or out.dtype != torch.bfloat16
+            or not out.is_contiguous(memory_format=torch.channels_last)):
         raise RuntimeError(f"winograd_output cannot make a ({b}, {o}, {h}, {w}) output of these products here")
     if residual is not None:
         residual = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    out = torch.empty(b, o, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
     pointers = (ctypes.c_void_p * 16)(*(m.data_ptr() for m in products))
-    status = lib.ldm_winograd_output(pointers, b, h, w, o, bias.data_ptr(),
+    status = lib.ldm_winograd_output(pointers, b, h, w, o, first, end, bias.data_ptr(),
                                      None if residual is None else residual.data_ptr(), out.data_ptr(),
                                      torch.get_num_threads())
     if status != 0:
-        raise RuntimeError(f"the winograd_output kernel refused a ({b}, {o}, {h}, {w}) output")
+        raise RuntimeError(f"the winograd_output kernel refused a ({b}, {o}, {h}, {w}) output, tile rows {first} "
+                           f"to {end}")
     return out
 
 

@@ -74,39 +74,46 @@ void output_tile(const uint16_t* const* mats, long tile, int h, int w, long o, l
 
 extern "C" {
 
-// v (16, tiles, c) = the transforms of x (batch, h, w, c) bf16's tiles, tiles = batch * ceil(h/2) *
-// ceil(w/2) in row-major order. Returns nonzero for sizes it does not take.
-int ldm_winograd_input(const uint16_t* x, int batch, int h, int w, int c, uint16_t* v, int threads) {
-  if (batch < 1 || h < 1 || w < 1 || c < 1 || threads < 1) return 1;
+// Both transforms take a band of tile rows [row0, row1) of the batch's batch * ceil(h/2) rows (image
+// n's tile row ty is row n * ceil(h/2) + ty), so that a large map's transforms and products need
+// not all be held at once.
+
+// v (16, tiles, c) = the transforms of x (batch, h, w, c) bf16's tiles in rows [row0, row1), tiles =
+// (row1 - row0) * ceil(w/2) in row-major order. Returns nonzero for sizes it does not take.
+int ldm_winograd_input(const uint16_t* x, int batch, int h, int w, int c, int row0, int row1, uint16_t* v,
+                       int threads) {
   const int th = (h + 1) / 2, tw = (w + 1) / 2;
-  const long plane = (long)batch * th * tw * c;
+  if (batch < 1 || h < 1 || w < 1 || c < 1 || threads < 1 || row0 < 0 || row1 <= row0 || row1 > batch * th)
+    return 1;
+  const long plane = (long)(row1 - row0) * tw * c;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
-  for (int n = 0; n < batch; ++n)
-    for (int ty = 0; ty < th; ++ty)
-      for (int tx = 0; tx < tw; ++tx) {
-        const long tile = ((long)n * th + ty) * tw + tx;
-        for (long c0 = 0; c0 < c; c0 += 16)
-          input_tile(x + (long)n * h * w * c, h, w, c, c0, 2 * ty - 1, 2 * tx - 1, v + tile * c, plane);
-      }
+  for (int row = row0; row < row1; ++row)
+    for (int tx = 0; tx < tw; ++tx) {
+      const int n = row / th, ty = row % th;
+      const long tile = (long)(row - row0) * tw + tx;
+      for (long c0 = 0; c0 < c; c0 += 16)
+        input_tile(x + (long)n * h * w * c, h, w, c, c0, 2 * ty - 1, 2 * tx - 1, v + tile * c, plane);
+    }
   return 0;
 }
 
-// out (batch, h, w, o) bf16 = the output transforms of mats[p] (tiles, o) bf16, p the 16 positions,
-// plus bias (o) float32 and residual (batch, h, w, o) bf16 when not null. Returns nonzero for sizes
-// it does not take.
-int ldm_winograd_output(const uint16_t* const* mats, int batch, int h, int w, int o, const float* bias,
-                        const uint16_t* residual, uint16_t* out, int threads) {
-  if (batch < 1 || h < 1 || w < 1 || o < 1 || threads < 1) return 1;
+// out (batch, h, w, o) bf16 in tile rows [row0, row1) = the output transforms of mats[p] (tiles, o)
+// bf16 (the band's tiles as `ldm_winograd_input` orders them), p the 16 positions, plus bias (o)
+// float32 and residual (batch, h, w, o) bf16 when not null. Returns nonzero for sizes it does not take.
+int ldm_winograd_output(const uint16_t* const* mats, int batch, int h, int w, int o, int row0, int row1,
+                        const float* bias, const uint16_t* residual, uint16_t* out, int threads) {
   const int th = (h + 1) / 2, tw = (w + 1) / 2;
+  if (batch < 1 || h < 1 || w < 1 || o < 1 || threads < 1 || row0 < 0 || row1 <= row0 || row1 > batch * th)
+    return 1;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
-  for (int n = 0; n < batch; ++n)
-    for (int ty = 0; ty < th; ++ty)
-      for (int tx = 0; tx < tw; ++tx) {
-        const long tile = ((long)n * th + ty) * tw + tx, image = (long)n * h * w * o;
-        for (long o0 = 0; o0 < o; o0 += 16)
-          output_tile(mats, tile, h, w, o, o0, 2 * ty, 2 * tx, bias, residual ? residual + image : nullptr,
-                      out + image);
-      }
+  for (int row = row0; row < row1; ++row)
+    for (int tx = 0; tx < tw; ++tx) {
+      const int n = row / th, ty = row % th;
+      const long tile = (long)(row - row0) * tw + tx, image = (long)n * h * w * o;
+      for (long o0 = 0; o0 < o; o0 += 16)
+        output_tile(mats, tile, h, w, o, o0, 2 * ty, 2 * tx, bias, residual ? residual + image : nullptr,
+                    out + image);
+    }
   return 0;
 }
 }

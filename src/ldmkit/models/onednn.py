@@ -73,6 +73,12 @@ PHASES_MIN_PIXELS = 512
 # `prepack(model, winograd=True)` asks (the benchmark's variant for measuring it there).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_PIXELS = 256
+# Most bytes of transformed input and products that one band of a Winograd convolution holds: a
+# larger map goes through in bands of tile rows, so its transforms never take more memory than this
+# (unbanded, the SD VAE's 128 channels at 512x512 would hold 537 MB, at 1024x1024 2.1 GB). Smaller
+# bands cost speed, their GEMMs being shorter: on Zen 5 that convolution took 145 ms whole, 156 in
+# bands of 128 MiB, 196 of 64, 275 of 4; no SD 1.5 U-Net convolution at 512x512 needs a second band.
+WINOGRAD_BAND_BYTES = 128 << 20
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
@@ -197,11 +203,21 @@ class WinogradConv2d(nn.Module):
             self._decide(x)
         if self.direct is not None:
             return self.direct(x) if residual is None else self.direct.forward_plus(x, residual)
-        b, _, h, w = x.shape
-        v = kernels.winograd_input(x)
-        products = [_MKLDNN._linear_pointwise(v[p], weight, None, "none", [], "")
-                    for p, weight in enumerate(self.positions)]
-        return kernels.winograd_output(products, (b, h, w), self.bias32, residual)
+        b, c, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        out = torch.empty(b, self.bias32.shape[0], h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        rows = kernels.winograd_tile_rows(b, h)
+        row_bytes = 16 * ((w + 1) // 2) * (c + out.shape[1]) * 2  # one tile row's transforms and products, bf16
+        band = max(1, WINOGRAD_BAND_BYTES // row_bytes)
+        for first in range(0, rows, band):
+            span = (first, min(first + band, rows))
+            v = kernels.winograd_input(x, span)
+            products = [_MKLDNN._linear_pointwise(v[p], weight, None, "none", [], "")
+                        for p, weight in enumerate(self.positions)]
+            kernels.winograd_output(products, (b, h, w), self.bias32, residual, span, out)
+        return out
 
 
 class AmxConv2d(nn.Module):
