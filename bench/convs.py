@@ -76,13 +76,10 @@ def chosen(way_ms: dict[str, float], pixels: int, winograd: bool) -> float:
     return way_ms.get("AMX kernel", way_ms["oneDNN direct"])
 
 
-def median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def call_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def main(argv=None) -> int:
@@ -112,7 +109,7 @@ def main(argv=None) -> int:
             ms = {name: [] for name in modules}
             for _ in range(args.runs):  # alternating, one call each per round
                 for name, m in modules.items():
-                    ms[name].append(median_ms(lambda: m(x), 1))
+                    ms[name].append(call_ms(lambda: m(x)))
             way_ms = {name: statistics.median(times) for name, times in ms.items()}
             for winograd in (False, True):
                 step[winograd] += chosen(way_ms, h * w, winograd) * count
