@@ -13,6 +13,7 @@ from ldmkit.cpu import cpu_has_amx
 from ldmkit.models import onednn
 from ldmkit.models.layers import Upsample
 from ldmkit.models.unet import UNet, unet_preset
+from ldmkit.models.vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.skipif(not (onednn.available(torch.bfloat16) and kernels.winograd_kernel_available()),
                                 reason="no oneDNN bf16, AVX512-BF16, g++ or Linux here")
@@ -184,3 +185,29 @@ def test_winograd_takes_its_transform_from_the_amx_kernels_weight_tiles():
     with torch.no_grad():
         assert worst_pixel_error(wino(x), exact(conv, x)) < 0.01
     assert wino.direct is None
+
+
+def test_a_vaes_3x3_convolutions_go_to_winograd_but_not_its_upsamplers_and_a_plain_copy_undoes_it(monkeypatch):
+    monkeypatch.setattr(onednn, "cpu_has_amx", lambda: False)  # the default's choice where the CPU has no AMX
+    torch.manual_seed(0)
+    config = VAEConfig(block_channels=(64, 64), layers_per_block=1, sample_size=32)
+    vae = AutoencoderKL(config).eval().to(BF16)
+    upsamplers = {id(m.conv) for m in vae.modules() if isinstance(m, Upsample)}
+    wide = [m for m in vae.modules() if type(m) is nn.Conv2d and onednn._plain_3x3(m) and id(m) not in upsamplers
+            and min(m.in_channels, m.out_channels) >= onednn.WINOGRAD_MIN_CHANNELS]
+    wino = copy.deepcopy(vae)
+    assert wide and onednn.winograd_convolutions(wino) == len(wide)
+    assert all(type(m.conv) is nn.Conv2d for m in wino.modules() if isinstance(m, Upsample))
+    z = torch.randn(1, 4, 16, 16).to(BF16)
+    with torch.no_grad():
+        reference = vae.float().decode(z.float()).double()
+        out = wino.decode(z)
+        assert all(m.direct is None for m in wino.decoder.modules() if isinstance(m, onednn.WinogradConv2d))  # 16x16 up
+        assert (out.double() - reference).norm() / reference.norm() < 0.02
+        plain = onednn.plain_copy(wino).float()  # what the pipeline's float32 retry decodes with
+        assert not any(isinstance(m, onednn.WinogradConv2d) for m in plain.modules())
+        again = plain.decode(z.float()).double()
+    assert (again - reference).norm() / reference.norm() < 0.01  # the weights back to bf16 rounding
+    assert any(isinstance(m, onednn.WinogradConv2d) for m in wino.modules())  # the original is left as it was
+    monkeypatch.setattr(onednn, "cpu_has_amx", lambda: True)
+    assert onednn.winograd_convolutions(copy.deepcopy(vae.to(BF16))) == 0  # not measured on AMX: left as it is

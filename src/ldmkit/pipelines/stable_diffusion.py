@@ -20,7 +20,6 @@ gives diffusers' image for the same weights and sampler.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from typing import Callable, Sequence
@@ -36,6 +35,7 @@ from ..diffusion.samplers import gaussian_noise
 from ..diffusion.sampling import SAMPLERS, SamplingPlan, make_plan
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import GenerationError, InvalidArgument, check_choice
+from ..models import onednn
 from ..models.clip import CLIPModel, CLIPTextModel, clip_preprocess
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
@@ -277,7 +277,7 @@ class StableDiffusion:
         decode is retried once on a float32 copy of the VAE before GenerationError."""
         images = self._decode(self.vae, latents)
         if self.vae_dtype != torch.float32 and not torch.isfinite(images).all():
-            images = self._decode(copy.deepcopy(self.vae).float(), latents)
+            images = self._decode(onednn.plain_copy(self.vae).float(), latents)  # its Winograd layers plain again
         _check_finite(images, "decoded images")
         return (images / 2 + 0.5).clamp(0, 1)
 
