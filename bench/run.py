@@ -111,6 +111,7 @@ LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of o
 # ... with the other choice of Winograd's 3x3 convolutions than prepack's default (on where the CPU has no AMX)
 LPW = f"{LPK}, Winograd" if cpu_has_amx() else f"{LPK}, direct 3x3"
 L16G = "ldmkit bf16 CL PyTorch GN"
+LVW = "ldmkit bf16 CL Winograd"  # the VAE as load_pipeline builds it where the CPU has no AMX (onednn.winograd_convolutions)
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
@@ -340,6 +341,13 @@ def converted_copy(model: nn.Module, build: Callable[[], nn.Module], dtype: torc
     return copy_.eval()
 
 
+def winograd_vae(vae: AutoencoderKL, config) -> AutoencoderKL | None:
+    """A bf16 channels_last copy of `vae` with Winograd's 3x3 convolutions, as load_pipeline builds
+    it where the CPU has no AMX; None where `onednn.winograd_convolutions` takes none."""
+    copy_ = converted_copy(vae, lambda: AutoencoderKL(config), BF16, channels_last=True)
+    return copy_ if onednn.winograd_convolutions(copy_) else None
+
+
 def shared_reference(theirs: nn.Module, ours: nn.Module) -> nn.Module:
     """Load ours' weights into the diffusers/transformers model, sharing their memory (assign).
     transformers 5 drops the `text_model.` prefix from CLIPTextModel's keys."""
@@ -358,6 +366,7 @@ class Models:
     unet_packed: UNet | None  # bf16, layers prepacked (models.onednn); None where oneDNN has no bf16 here
     unet_packed_other: UNet | None  # that with the other choice of Winograd's way (LPW); None where it has none
     vae16: AutoencoderKL  # bf16, channels_last
+    vae_winograd: AutoencoderKL | None  # that with its 3x3 convolutions Winograd's (LVW); None where it takes none
     unet_cl: UNet  # float32, channels_last
     vae_cl: AutoencoderKL  # float32, channels_last
     text16: CLIPTextModel  # bf16
@@ -392,6 +401,7 @@ def build_models(sizes: Sizes, compile_backend: str | None) -> Models:
         packed(None) if packs else None,
         packed(cpu_has_amx()) if winograd_choice else None,
         converted_copy(vae, lambda: AutoencoderKL(vcfg), BF16, channels_last=True),
+        winograd_vae(vae, vcfg) if packs else None,
         converted_copy(unet, lambda: UNet(ucfg), torch.float32, channels_last=True),
         converted_copy(vae, lambda: AutoencoderKL(vcfg), torch.float32, channels_last=True),
         converted_copy(text, lambda: CLIPTextModel(tcfg), BF16, channels_last=False),
@@ -488,6 +498,8 @@ def vae_workload(m: Models, sizes: Sizes) -> Workload:
                 L32: lambda: m.vae.decode(z), LCL: lambda: m.vae_cl.decode(z_cl), L16: lambda: m.vae16.decode(z16)}
     if kernels.group_norm_kernel_available():
         variants[L16G] = kernel_off(kernels.set_group_norm_kernel, variants[L16])
+    if m.vae_winograd is not None:
+        variants[LVW] = lambda: m.vae_winograd.decode(z16)
     what = f"1x{z.shape[1]}x{side}x{side} latent -> {sizes.image}x{sizes.image} image"
     return Workload("VAE decode", what, variants, count_flops(lambda: m.vae.decode(z)))
 
@@ -515,9 +527,11 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         return p
 
     # what load_pipeline builds on the CPU: float32 channels_last; in bf16 the U-Net packed where
-    # oneDNN has bf16, else channels_last, and a channels_last VAE
+    # oneDNN has bf16, else channels_last, and a channels_last VAE, its 3x3 convolutions Winograd's
+    # where the CPU has no AMX
     unet16 = m.unet_packed if LBF == LPK else m.unet16
-    ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, m.vae16, m.text16)
+    vae16 = m.vae16 if m.vae_winograd is None else m.vae_winograd
+    ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=m.d_vae, text_encoder=m.d_text, tokenizer=hf_tokenizer, unet=m.d_unet, scheduler=scheduler,
@@ -775,7 +789,8 @@ def quality_checks(workloads: dict[str, Workload]) -> list[Check]:
                                     target))
     if vae is not None:
         for a, b, clamp, target in ((L16, L32, True, VAE_MAD_TARGET), (L16, L32, False, None),
-                                    (L16G, L32, True, VAE_MAD_TARGET), (DAC, D32, True, None),
+                                    (L16G, L32, True, VAE_MAD_TARGET), (LVW, L32, True, VAE_MAD_TARGET),
+                                    (DAC, D32, True, None),
                                     (L32, D32, False, None), (LCL, L32, False, None)):
             if vae.has(a, b):
                 how = "clamped to the image range" if clamp else "unclamped"
