@@ -111,7 +111,7 @@ LPG = f"{LBF} PyTorch GN"  # ... with PyTorch's GroupNorm and SiLU in place of o
 # ... with the other choice of Winograd's 3x3 convolutions than prepack's default (on where the CPU has no AMX)
 LPW = f"{LPK}, Winograd" if cpu_has_amx() else f"{LPK}, direct 3x3"
 L16G = "ldmkit bf16 CL PyTorch GN"
-LVW = "ldmkit bf16 CL Winograd"  # the VAE as load_pipeline builds it where the CPU has no AMX (onednn.winograd_convolutions)
+LVW = "ldmkit bf16 CL Winograd"  # the VAE with onednn.winograd_convolutions (where the CPU has no AMX; not load_pipeline's)
 UNET_REL_ERR_TARGET = 0.02  # bf16 U-Net output: relative L2 error against fp32
 VAE_MAD_TARGET = 1.0  # bf16 VAE decode: mean |difference| in 0..255 against fp32
 SHAPES_TARGET_S = 5.0  # the bundled model: 16 images, 25 steps
@@ -342,8 +342,8 @@ def converted_copy(model: nn.Module, build: Callable[[], nn.Module], dtype: torc
 
 
 def winograd_vae(vae: AutoencoderKL, config) -> AutoencoderKL | None:
-    """A bf16 channels_last copy of `vae` with Winograd's 3x3 convolutions, as load_pipeline builds
-    it where the CPU has no AMX; None where `onednn.winograd_convolutions` takes none."""
+    """A bf16 channels_last copy of `vae` with Winograd's 3x3 convolutions (where the CPU has no
+    AMX); None where `onednn.winograd_convolutions` takes none."""
     copy_ = converted_copy(vae, lambda: AutoencoderKL(config), BF16, channels_last=True)
     return copy_ if onednn.winograd_convolutions(copy_) else None
 
@@ -527,11 +527,9 @@ def pipeline_workload(m: Models, sizes: Sizes, steps: int, tokenizer: CLIPTokeni
         return p
 
     # what load_pipeline builds on the CPU: float32 channels_last; in bf16 the U-Net packed where
-    # oneDNN has bf16, else channels_last, and a channels_last VAE, its 3x3 convolutions Winograd's
-    # where the CPU has no AMX
+    # oneDNN has bf16, else channels_last, and a channels_last VAE
     unet16 = m.unet_packed if LBF == LPK else m.unet16
-    vae16 = m.vae16 if m.vae_winograd is None else m.vae_winograd
-    ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, vae16, m.text16)
+    ours32, ours16 = ours_pipe(m.unet_cl, m.vae_cl, m.text), ours_pipe(unet16, m.vae16, m.text16)
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
     pipe = diffusers.StableDiffusionPipeline(
         vae=m.d_vae, text_encoder=m.d_text, tokenizer=hf_tokenizer, unet=m.d_unet, scheduler=scheduler,

@@ -26,8 +26,10 @@ reorder once, and replaces in place
   on oneDNN for maps large enough).
 
 `winograd_convolutions(model)` gives only the bf16 3x3 convolutions to `WinogradConv2d`, where the
-CPU has no AMX: `load_pipeline` does so for the VAE, whose decode at 512x512 took 3.66 s against
-5.18 (encode 1.91 against 2.74) on AMD Zen 5, at 0.62/255 mean error against 0.52.
+CPU has no AMX. For the SD VAE on AMD Zen 5 its decode at 512x512 took 3.66 s against 5.18
+(encode 1.91 against 2.74), at 0.62/255 mean error against 0.52, but the transformed weights and
+bands raised a fresh `ldmkit generate`'s peak RSS over its 6 GB target, so `load_pipeline` leaves
+the VAE direct.
 
 Packed convolutions and linear layers also take a residual (`forward_plus(x, residual)`): the
 sum `residual + layer(x)` is a post-op of the GEMM, not a pass of its own over the activations

@@ -13,8 +13,9 @@ instead of every step, GEGLU as two GEMMs with fused post-ops; on AMX CPUs our o
 widest of them). On the Sapphire Rapids prepacking made the SD 1.5 U-Net step 22% faster; on AMD
 Zen 5 (AVX512-BF16, no AMX) 12-15%, once its weights were laid out for an input size
 (`onednn._layout_input_size`; without one, its 1x1 and 320-channel 3x3 weights were reordered
-again at every call there). Without AMX the bf16 VAE's 3x3 convolutions take Winograd's way
-(`onednn.winograd_convolutions`): on the Zen 5 its 512x512 decode took 3.66 s against 5.18. In float32 channels_last made an AVX2-only CPU's (AMD Zen 3) SD 1.5
+again at every call there). The VAE's 3x3 convolutions are left direct even without AMX, where
+Winograd's way (`onednn.winograd_convolutions`) decoded 512x512 in 3.48 s against 5.04 on the Zen
+5: with it a fresh `ldmkit generate` peaked at 5.82 GiB, over the 6 GB target (5.52 without). In float32 channels_last made an AVX2-only CPU's (AMD Zen 3) SD 1.5
 U-Net step 13% faster and its VAE decode 17%, and was neutral to 25% faster on the Sapphire
 Rapids; on the Zen 3 prepacking was slower than channels_last (17.8 against 13.8 s a step) and
 fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`) are built here rather than in
@@ -190,9 +191,7 @@ def load_pipeline(
     precision: "auto", "fp32", "bf16" or "fp16" (CUDA only); device: "auto", "cpu" or "cuda".
     `prediction_type`, `arch` and `inpainting` are passed to load_pipeline_components.
     `prepack` (CPU bf16 only): True (the default) prepacks the U-Net's layers for oneDNN where
-    oneDNN has bf16 kernels for this CPU, and where it has no AMX gives the VAE's 3x3 convolutions
-    to Winograd's way (`onednn.winograd_convolutions`); False keeps them all PyTorch layers with
-    channels_last weights.
+    oneDNN has bf16 kernels for this CPU, False keeps them PyTorch layers with channels_last weights.
     """
     target = resolve_device(device)
     dtype = resolve_precision(precision, target)
@@ -204,7 +203,6 @@ def load_pipeline(
         comps.vae.to(memory_format=torch.channels_last)
         if prepack and dtype == torch.bfloat16 and onednn.available(dtype):
             onednn.prepack(comps.unet)
-            onednn.winograd_convolutions(comps.vae)  # where the CPU has no AMX
         else:
             comps.unet.to(memory_format=torch.channels_last)
     if target.type == "cpu" and dtype == torch.bfloat16:
