@@ -17,8 +17,9 @@ again at every call there). The VAE's 3x3 convolutions are left direct even with
 Winograd's way (`onednn.winograd_convolutions`) decoded 512x512 in 3.48 s against 5.04 on the Zen
 5: with it a fresh `ldmkit generate` peaked at 5.82 GiB, over the 6 GB target (5.52 without).
 In float32 channels_last made an AVX2-only CPU's (AMD Zen 3) SD 1.5 U-Net step 13% faster and
-its VAE decode 17%, and was neutral to 25% faster on the Sapphire Rapids; on the Zen 3 prepacking was slower than channels_last (17.8 against 13.8 s a step) and
-fusing the GEGLUs gained nothing. Our kernels (`ldmkit.kernels`) are built here rather than in
+its VAE decode 17%, and was neutral to 25% faster on the Sapphire Rapids; on the Zen 3
+prepacking was slower than channels_last (17.8 against 13.8 s a step) and fusing the GEGLUs
+gained nothing. Our kernels (`ldmkit.kernels`) are built here rather than in
 the first sampling step. On the CPU glibc's malloc is told to keep freed large blocks
 (`cpu.keep_freed_memory`; LDMKIT_KEEP_FREED_MEMORY=0 leaves it as it is): each step and decode
 then reuses the memory of the last instead of page-faulting in fresh mappings.
