@@ -419,7 +419,7 @@ def prepack(model: nn.Module, winograd: bool | None = None) -> nn.Module:
     if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not available(torch.bfloat16):
         raise RuntimeError("oneDNN has no bf16 kernels for this CPU (they need AVX-512 or AVX-NE-CONVERT); "
                            "run the bf16 model unpacked")
-    _pack_children(model, winograd)
+    _replace_children(model, lambda module: _packed(module, winograd))
     return model
 
 
@@ -431,14 +431,12 @@ def winograd_convolutions(model: nn.Module) -> int:
     convolutions are most of its work. The upsamplers' convolutions stay, their parities
     (`layers.Upsample`) already taking 16 multiply-adds per output instead of 36. A model so
     changed is copied by `plain_copy`, not `copy.deepcopy` (oneDNN's packed weights are opaque)."""
-    count = 0
-    for name, child in list(model.named_children()):
-        if type(child) is nn.Conv2d and _winograd_takes(child, None):
-            setattr(model, name, WinogradConv2d(child))
-            count += 1
-        elif not isinstance(child, Upsample):
-            count += winograd_convolutions(child)
-    return count
+    def replacement(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, Upsample):
+            return module  # kept whole
+        return WinogradConv2d(module) if type(module) is nn.Conv2d and _winograd_takes(module, None) else None
+
+    return _replace_children(model, replacement)
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
@@ -448,10 +446,15 @@ def plain_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _pack_children(parent: nn.Module, winograd: bool | None) -> None:
+def _replace_children(parent: nn.Module, replacement) -> int:
+    """Put `replacement(child)` in place of each child of `parent` (itself: kept, None: looked
+    inside, recursively); returns how many were replaced."""
+    count = 0
     for name, child in list(parent.named_children()):
-        replacement = _packed(child, winograd)
-        if replacement is None:
-            _pack_children(child, winograd)
-        else:
-            setattr(parent, name, replacement)
+        new = replacement(child)
+        if new is None:
+            count += _replace_children(child, replacement)
+        elif new is not child:
+            setattr(parent, name, new)
+            count += 1
+    return count
